@@ -1,0 +1,347 @@
+"""Typed study configuration: dataclasses whose defaults ARE the MLRC protocol.
+
+A study file (studies/NAME.toml) only says what differs from these defaults: usually the dataset,
+the loss and perhaps its search space. Layers are applied in this order, each one type-checked and
+rejecting unknown keys:
+
+    dataclass defaults (MLRC)  <-  study file (after the files it `extends`)  <-  --profile FILE
+                               <-  --set key=value  (repeatable)
+
+Keys are dotted paths (``train.lr``, ``model.trunk``). Loss parameters are flat keys of the
+``[loss]`` table (``loss.margin``); they are checked against the loss registry's defaults, so a
+typo or a wrong type fails before anything trains. Dataset-dependent MLRC values (validation
+interval, patience) default to 0 / -1, meaning "the dataset's MLRC value".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.errors import ConfigError
+
+STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
+PROFILES_DIR = STUDIES_DIR / "profiles"
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "cub200"  # registry name: cub200, cars196, sop, inshop, glyphs
+    root: str = ""  # "" = --data-root, else the glyphs cache for the embedded data set
+    check_counts: bool = True  # refuse a data set whose image/class counts differ from the standard
+    resize: int = 256  # MLRC: Resize 256 ...
+    crop: int = 227  # ... then (Random|Center)Crop 227
+    scale_min: float = 0.16  # RandomResizedCrop scale (0.16, 1)
+    num_workers: int = 4  # data-loader worker processes (0 = load in the main process)
+    glyph_classes: int = 256  # embedded glyph data only: number of classes rendered
+    glyph_per_class: int = 32  # embedded glyph data only: images per class
+
+
+@dataclass
+class ModelConfig:
+    trunk: str = "bninception"  # MLRC trunk; resnet18/resnet50/small_cnn also registered
+    pretrained: bool = True  # ImageNet weights, from `weights` or the torch cache, never downloaded
+    weights: str = ""  # local path of the weight file ("" = look in the torch hub cache)
+    pooling: str = "avg"  # avg | max | avgmax
+    layer_norm: bool = False  # LayerNorm before the embedder (ProxyNCA++ recipe)
+    embedding_size: int = 128  # MLRC: 128-d per fold model (512-d when 4 are concatenated)
+    freeze_bn: bool = True  # MLRC: trunk BatchNorm in eval mode, affine params still train
+
+
+@dataclass
+class LossConfig:
+    name: str = "proxy_anchor"  # loss registry name (losses/registry.py)
+    params: dict[str, Any] = field(default_factory=dict)  # overrides of the registry defaults
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 32  # MLRC batch 32 ...
+    m_per_class: int = 4  # ... from an m-per-class sampler, m = 4
+    optimizer: str = "rmsprop"  # rmsprop | adam | adamw | sgd, for trunk + embedder
+    lr: float = 1e-6  # MLRC trunk/embedder lr
+    momentum: float = 0.9  # RMSprop/SGD momentum
+    weight_decay: float = 1e-4
+    adam_eps: float = 1e-8  # ProxyNCA++'s recipe uses Adam with eps = 1
+    loss_optimizer: str = "rmsprop"  # own optimizer for loss parameters (proxies, class weights)
+    loss_lr: float = 1e-4  # searched log-uniform in [1e-6, 1]; a large value = fast-moving proxies
+    loss_weight_decay: float = 0.0
+    iters_per_epoch: int = 100  # MLRC "epoch" = 100 iterations
+    max_epochs: int = 1000
+    val_every_epochs: int = 0  # 0 = the data set's MLRC value (CUB 2, Cars 5, SOP 20)
+    patience: int = -1  # -1 = the data set's MLRC value (CUB 9, Cars 14, SOP 39)
+    warmup_epochs: int = 0  # epochs with the trunk frozen: only embedder and loss params train
+    grad_clip: float = 0.0  # clip gradient values of model params (0 = off); proxies never clipped
+    amp: bool = True  # bf16 autocast on CUDA; always float32 on CPU
+    channels_last: bool = True  # memory format on CUDA
+    eval_batch_size: int = 128
+    device: str = "auto"  # auto = cuda when available, else cpu
+
+
+@dataclass
+class SearchConfig:
+    trials: int = 50  # MLRC: 50 trials per (loss, dataset); one trial = the full 4-fold CV
+    folds: int = 4
+    sampler: str = "tpe"  # tpe | random
+    n_startup_trials: int = 10  # random trials before TPE models the space
+    pruner: str = "median"  # none | median | hyperband
+    prune_warmup_folds: int = 1  # never prune before this many folds reported
+    # Extra or replaced search dimensions: {"loss.margin": {"low": 0, "high": 1}, ...}. The loss
+    # registry's space and train.loss_lr (for losses with parameters) are always included.
+    space: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FinalConfig:
+    reproductions: int = 10  # MLRC retrains the best configuration 10 times
+    keep_checkpoints: bool = True  # keep each final fold model's best checkpoint on disk
+
+
+@dataclass
+class StudyConfig:
+    name: str = ""
+    description: str = ""
+    seed: int = 0  # base seed; trial, fold and reproduction seeds derive from it
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    final: FinalConfig = field(default_factory=FinalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+SECTIONS = ("data", "model", "loss", "train", "search", "final")
+TOP_LEVEL = ("name", "description", "seed")
+
+
+# --------------------------------------------------------------------------------------------
+# Type checking and coercion
+# --------------------------------------------------------------------------------------------
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def parse_cli_value(text: str) -> Any:
+    """A --set value as written on the command line: JSON when it parses (numbers, true/false,
+    lists, objects), else the raw string (so `model.trunk=resnet50` needs no quotes)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def coerce(value: Any, expected: Any, where: str) -> Any:
+    """Return `value` as type `expected`, or raise ConfigError naming `where`.
+
+    Accepts an int for a float (1 -> 1.0) and strings from the CLI ("1e-5", "true"); rejects
+    everything else, in particular a float for an int and a string for a number.
+    """
+    origin = typing.get_origin(expected) or expected
+    if isinstance(value, str) and origin in (int, float, bool):
+        value = parse_cli_value(value)
+    if origin is bool:
+        if isinstance(value, bool):
+            return value
+    elif origin is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif origin is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif origin is str:
+        if isinstance(value, str):
+            return value
+    elif origin in (dict, list, tuple):
+        if isinstance(value, origin):
+            return value
+    elif expected is Any:
+        return value
+    name = getattr(expected, "__name__", str(expected))
+    raise ConfigError(f"{where}: expected {name}, got {value!r} ({type(value).__name__})")
+
+
+def _loss_defaults(loss_name: str) -> dict[str, Any]:
+    from losses.registry import get_loss_spec  # local import: losses is heavy and optional here
+
+    try:
+        return dict(get_loss_spec(loss_name).defaults)
+    except ValueError as e:
+        raise ConfigError(f"loss.name: {e}") from None
+
+
+def set_value(cfg: StudyConfig, key: str, value: Any, source: str = "--set") -> None:
+    """Set one dotted key on `cfg`, type-checked; unknown keys raise ConfigError."""
+    parts = key.split(".")
+    where = f"{source} {key}"
+    if len(parts) == 1:
+        if parts[0] not in TOP_LEVEL:
+            raise ConfigError(f"{where}: unknown key. Top-level keys: {', '.join(TOP_LEVEL)}; "
+                              f"sections: {', '.join(SECTIONS)}")
+        setattr(cfg, parts[0], coerce(value, _field_types(StudyConfig)[parts[0]], where))
+        return
+    section, rest = parts[0], ".".join(parts[1:])
+    if section not in SECTIONS:
+        raise ConfigError(f"{where}: unknown section {section!r}; sections: {', '.join(SECTIONS)}")
+    if section == "loss" and rest not in ("name", "params"):
+        _set_loss_param(cfg, rest, value, where)
+        return
+    if section == "search" and rest.startswith("space."):
+        cfg.search.space[rest[len("space."):]] = value
+        return
+    obj = getattr(cfg, section)
+    types = _field_types(type(obj))
+    if rest not in types:
+        raise ConfigError(f"{where}: unknown key {rest!r} in [{section}]; "
+                          f"known keys: {', '.join(types)}")
+    new = coerce(value, types[rest], where)
+    if section == "loss" and rest == "name" and new != cfg.loss.name:
+        _loss_defaults(new)  # validate the name now
+        cfg.loss.params = {}  # parameters of the previous loss do not carry over
+    setattr(obj, rest, new)
+
+
+def _set_loss_param(cfg: StudyConfig, param: str, value: Any, where: str) -> None:
+    defaults = _loss_defaults(cfg.loss.name)
+    if param not in defaults:
+        raise ConfigError(f"{where}: loss {cfg.loss.name!r} has no parameter {param!r}; "
+                          f"its parameters: {', '.join(sorted(defaults)) or '(none)'}")
+    default = defaults[param]
+    expected = type(default) if default is not None else Any
+    cfg.loss.params[param] = coerce(value, expected, where)
+
+
+def apply_table(cfg: StudyConfig, table: dict[str, Any], source: str) -> None:
+    """Apply a parsed TOML table (nested dicts) to cfg. `loss.name` goes first so that the
+    loss parameters are checked against the right loss."""
+    for key in TOP_LEVEL:
+        if key in table:
+            set_value(cfg, key, table[key], source)
+    for key in table:
+        if key not in TOP_LEVEL and key != "extends" and key not in SECTIONS:
+            raise ConfigError(f"{source}: unknown top-level key {key!r}; expected "
+                              f"{', '.join(TOP_LEVEL + ('extends',))} or a section "
+                              f"[{'] ['.join(SECTIONS)}]")
+    for section in SECTIONS:
+        sub = table.get(section)
+        if sub is None:
+            continue
+        if not isinstance(sub, dict):
+            raise ConfigError(f"{source}: {section} must be a table [{section}]")
+        if section == "loss" and "name" in sub:
+            set_value(cfg, "loss.name", sub["name"], source)
+        for key, value in sub.items():
+            if section == "loss" and key == "name":
+                continue
+            if section == "search" and key == "space":
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{source}: search.space must be a table")
+                cfg.search.space.update(value)
+                continue
+            set_value(cfg, f"{section}.{key}", value, source)
+
+
+# --------------------------------------------------------------------------------------------
+# Study files
+# --------------------------------------------------------------------------------------------
+def study_path(name: str) -> Path:
+    path = Path(name)
+    if path.suffix == ".toml" and path.exists():
+        return path
+    path = STUDIES_DIR / f"{name}.toml"
+    if not path.exists():
+        raise ConfigError(f"no study named {name!r}: {path} does not exist. "
+                          f"Known studies: {', '.join(list_studies()) or '(none)'} "
+                          f"(python -m harness.run --list)")
+    return path
+
+
+def list_studies() -> list[str]:
+    return sorted(p.stem for p in STUDIES_DIR.glob("*.toml") if not p.stem.startswith("_"))
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
+
+
+def _apply_study_file(cfg: StudyConfig, path: Path, seen: tuple[Path, ...] = ()) -> None:
+    if path in seen:
+        raise ConfigError(f"{path}: `extends` cycle: {' -> '.join(map(str, seen + (path,)))}")
+    table = read_toml(path)
+    parent = table.get("extends")
+    if parent is not None:
+        _apply_study_file(cfg, study_path(parent), seen + (path,))
+    apply_table(cfg, table, str(path))
+
+
+def profile_path(name: str) -> Path:
+    path = Path(name)
+    if path.suffix == ".toml" and path.exists():
+        return path
+    path = PROFILES_DIR / f"{name}.toml"
+    if not path.exists():
+        known = sorted(p.stem for p in PROFILES_DIR.glob("*.toml"))
+        raise ConfigError(f"no profile named {name!r}: {path} does not exist. "
+                          f"Known profiles: {', '.join(known) or '(none)'}")
+    return path
+
+
+def load_study(name: str, profile: str | None = None, overrides: list[str] = ()) -> StudyConfig:
+    """Resolve a study: defaults <- study file (and what it extends) <- profile <- overrides."""
+    cfg = StudyConfig()
+    path = study_path(name)
+    _apply_study_file(cfg, path)
+    if not cfg.name:
+        cfg.name = path.stem
+    if profile:
+        apply_table(cfg, read_toml(profile_path(profile)), f"profile {profile}")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.lr=1e-5")
+        set_value(cfg, key.strip(), parse_cli_value(value.strip()) if value else value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: StudyConfig) -> None:
+    """Cross-field checks that single-key type checks cannot do."""
+    t = cfg.train
+    if t.batch_size % t.m_per_class:
+        raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of "
+                          f"train.m_per_class ({t.m_per_class})")
+    choices = {
+        "train.optimizer": (t.optimizer, ("rmsprop", "adam", "adamw", "sgd")),
+        "train.loss_optimizer": (t.loss_optimizer, ("rmsprop", "adam", "adamw", "sgd")),
+        "model.pooling": (cfg.model.pooling, ("avg", "max", "avgmax")),
+        "search.sampler": (cfg.search.sampler, ("tpe", "random")),
+        "search.pruner": (cfg.search.pruner, ("none", "median", "hyperband")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
+    positive = {"train.iters_per_epoch": t.iters_per_epoch, "train.max_epochs": t.max_epochs,
+                "search.trials": cfg.search.trials, "model.embedding_size": cfg.model.embedding_size,
+                "train.batch_size": t.batch_size, "train.m_per_class": t.m_per_class}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}={value}: must be positive")
+    if not 1 <= cfg.search.folds <= 4:
+        raise ConfigError(f"search.folds={cfg.search.folds}: MLRC uses 4 folds (1..4 allowed)")
+    if cfg.final.reproductions < 0:
+        raise ConfigError("final.reproductions must be >= 0")
+    _loss_defaults(cfg.loss.name)

@@ -1,0 +1,211 @@
+"""Run one study end to end: split, search, retrain, test, summarise.
+
+    python -m harness.run --study quickstart
+    python -m harness.run --study proxy_synthesis_cars --data-root /data/cars196
+    python -m harness.run --list
+
+Re-running the same command resumes: finished trials and finished final folds are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from harness import config as config_mod
+from harness.config import StudyConfig, load_study
+from harness.errors import ConfigError, HarnessError
+from harness.provenance import provenance, write_json
+
+RESULTS_DIR = config_mod.STUDIES_DIR.parent / "results"
+# Keys that may change between invocations of one output folder: growing the budget resumes.
+RESUMABLE_KEYS = {("search", "trials"), ("final", "reproductions"), ("train", "device"),
+                  ("data", "root"), ("data", "num_workers"), ("train", "eval_batch_size")}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m harness.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--study", help="study name (studies/NAME.toml) or a path to a .toml file")
+    p.add_argument("--list", action="store_true", help="list the studies and exit")
+    p.add_argument("--profile", help="apply studies/profiles/NAME.toml over the study "
+                                     "(e.g. 'embedded': the study on the glyph data, small budget)")
+    p.add_argument("--data-root", help="folder holding the data set (see README: layouts)")
+    p.add_argument("--output", help="run folder (default results/STUDY, or "
+                                    "results/PROFILE/STUDY with --profile)")
+    p.add_argument("--storage", help="Optuna storage URL (default sqlite:///OUTPUT/study.db); "
+                                     "any SQLAlchemy URL, e.g. postgresql://user@host/db")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the study's)")
+    p.add_argument("--trials", type=int, help="search trials (MLRC: 50)")
+    p.add_argument("--reproductions", type=int, help="final retrainings (MLRC: 10)")
+    p.add_argument("--stage", choices=("all", "search", "final"), default="all",
+                   help="search only (e.g. extra workers), final only, or both (default)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, type-checked (repeatable), e.g. "
+                        "--set train.lr=1e-5 --set loss.margin=0.2")
+    return p.parse_args(argv)
+
+
+def resolve_config(args: argparse.Namespace) -> StudyConfig:
+    overrides = list(args.overrides)
+    flag_keys = {"trials": "search.trials", "reproductions": "final.reproductions",
+                 "device": "train.device", "data_root": "data.root"}
+    for attr, key in flag_keys.items():
+        value = getattr(args, attr)
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value) if not isinstance(value, str) else value}")
+    return load_study(args.study, profile=args.profile, overrides=overrides)
+
+
+def output_dir(args: argparse.Namespace, cfg: StudyConfig) -> Path:
+    if args.output:
+        return Path(args.output)
+    if args.profile:
+        return RESULTS_DIR / Path(args.profile).stem / cfg.name
+    return RESULTS_DIR / cfg.name
+
+
+def check_same_study(output: Path, cfg: StudyConfig) -> None:
+    """Refuse to mix two different configurations in one folder (results would be wrong)."""
+    path = output / "config.json"
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())
+    new = cfg.to_dict()
+    diffs = []
+    for section, values in new.items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                if (section, key) in RESUMABLE_KEYS:
+                    continue
+                if old.get(section, {}).get(key) != value:
+                    diffs.append(f"{section}.{key}: {old.get(section, {}).get(key)!r} -> {value!r}")
+        elif old.get(section) != values:
+            diffs.append(f"{section}: {old.get(section)!r} -> {values!r}")
+    if diffs:
+        raise ConfigError(f"{output} holds a run of a different configuration "
+                          f"({'; '.join(diffs)}). Resume it with the same settings, or choose "
+                          f"another --output.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.list:
+            return list_studies()
+        if not args.study:
+            raise ConfigError("--study NAME is required (python -m harness.run --list shows them)")
+        return run(args)
+    except HarnessError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished trials and folds are saved; re-run the same command to "
+              "resume", file=sys.stderr)
+        return 130
+
+
+def list_studies() -> int:
+    for name in config_mod.list_studies():
+        table = config_mod.read_toml(config_mod.study_path(name))
+        print(f"{name:40s} {table.get('description', '')}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    # Imported here so that `--list` and config errors answer without loading torch models.
+    from harness.data import prepare_data, resolve_device
+    from harness.retrain import retrain_and_test, summarize
+    from harness.search import (best_trial, config_for_params, default_storage, run_search,
+                                write_search_summary)
+    from harness.splits import write_manifest
+
+    cfg = resolve_config(args)
+    output = output_dir(args, cfg)
+    check_same_study(output, cfg)
+    output.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.train.device)
+    storage = args.storage or default_storage(output)
+    write_json(output / "config.json", cfg.to_dict())
+    _log_invocation(output, device, storage)
+
+    started = time.time()
+    data = prepare_data(cfg)
+    write_manifest(output / "split_manifest.json", data.records, data.split)
+    print(f"[{cfg.name}] {cfg.data.dataset}: {len(data.records)} images; output {output}")
+
+    if args.stage in ("all", "search"):
+        study = run_search(cfg, data, output, storage, device)
+    if args.stage == "search":
+        print(f"[{cfg.name}] search stage done in {time.time() - started:.0f} s")
+        return 0
+    from harness.search import open_study
+
+    study = open_study(cfg, storage)
+    summary = write_search_summary(study, output / "search_summary.json")
+    best = best_trial(study)
+    print(f"[{cfg.name}] best trial {best.number}: validation MAP@R {best.value:.4f} "
+          f"params {best.params}")
+    best_cfg = config_for_params(cfg, best.params)
+    frame = retrain_and_test(best_cfg, data, output, device, best.params,
+                             cfg.final.reproductions)
+    untrained = _untrained_baseline(best_cfg, data, output, device)
+    table = summarize(frame)
+    table.to_csv(output / "final" / "summary.csv", index=False)
+    write_json(output / "final" / "summary.json", {
+        "study": cfg.name, "dataset": cfg.data.dataset, "best_trial": summary["best_trial"],
+        "best_val_map_at_r": summary["best_value"], "best_params": summary["best_params"],
+        "untrained": untrained, "summary": table.to_dict(orient="records"),
+        "wall_time_s_this_invocation": time.time() - started})
+    _print_summary(cfg, table, untrained)
+    return 0
+
+
+def _log_invocation(output: Path, device, storage: str) -> None:
+    path = output / "provenance.json"
+    runs = json.loads(path.read_text()) if path.exists() else []
+    runs.append(provenance(device, storage=storage))
+    write_json(path, runs)
+
+
+def _untrained_baseline(cfg: StudyConfig, data, output: Path, device) -> dict:
+    """Test metrics of the model before any training (pretrained trunk when the study uses one,
+    random embedder): the floor that training must clearly beat."""
+    from harness.models import build_model
+    from harness.retrain import embed_test_set, test_metrics
+    from harness.train import seed_everything
+
+    path = output / "final" / "untrained_metrics.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    seed_everything(cfg.seed, 99)
+    m = cfg.model
+    model = build_model(trunk=m.trunk, pretrained=m.pretrained, weights=m.weights,
+                        pooling=m.pooling, layer_norm=m.layer_norm,
+                        embedding_size=m.embedding_size, freeze_bn=m.freeze_bn).to(device)
+    metrics = test_metrics(embed_test_set(cfg, model, data, device), device)
+    write_json(path, metrics)
+    return metrics
+
+
+def _print_summary(cfg: StudyConfig, table, untrained: dict) -> None:
+    print(f"\n[{cfg.name}] test results (mean ± std over reproductions)")
+    for mode in ("separated", "concatenated"):
+        rows = table[table["mode"] == mode].set_index("metric")
+        if rows.empty:
+            continue
+        parts = [f"{m}={rows.loc[m, 'mean']:.4f}±{rows.loc[m, 'std']:.4f}"
+                 for m in ("precision_at_1", "r_precision", "map_at_r") if m in rows.index]
+        print(f"  {mode:13s} " + "  ".join(parts))
+    print("  untrained     " + "  ".join(f"{m}={untrained[m]:.4f}" for m in
+                                         ("precision_at_1", "r_precision", "map_at_r")))
+
+
+if __name__ == "__main__":
+    torch.set_float32_matmul_precision("high")
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Train one fold: the MLRC training loop, with validation, early stopping and checkpoints.
+
+One readable loop (nanoGPT-style). Per fold:
+  * trunk + embedder get one optimizer (MLRC: RMSprop lr 1e-6), the loss's own parameters
+    (proxies, class weights) a second one whose lr (`train.loss_lr`) is searched: a large value
+    is the "fast-moving proxies" idea, available to every loss with parameters;
+  * an "epoch" is `train.iters_per_epoch` batches from the m-per-class sampler;
+  * every `val_every` epochs the fold's validation classes are embedded and MAP@R computed
+    (self-retrieval); the best model is kept (best.pt) and training stops when
+    epoch - best_epoch > patience;
+  * every validation also writes last.pt (models, optimizers, history). A killed run resumes
+    from it. Random streams are re-seeded from (seed, epoch) at every epoch start, so a resumed
+    fold continues exactly as the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from harness.config import StudyConfig
+from harness.data import PreparedData, dataset_defaults, eval_loader, fold_indices, train_loader
+from harness.metrics import compute_embeddings, retrieval_metrics
+from harness.models import build_model
+from harness.progress import bar
+from harness.splits import Fold
+from losses.registry import build_loss, get_loss_spec
+
+# A callback the search gives to train_fold: (validation number, MAP@R) -> None. It may raise
+# (optuna.TrialPruned) to stop the fold early.
+ReportFn = Callable[[int, float], None]
+
+
+@dataclass
+class FoldResult:
+    fold: int
+    best_map_at_r: float
+    best_metrics: dict
+    best_epoch: int
+    epochs_trained: int
+    history: list[dict] = field(default_factory=list)  # one row per validation
+    stop_reason: str = ""  # patience | max_epochs | diverged
+    checkpoint: str = ""  # best.pt, when kept
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def seed_everything(*seed_parts: int) -> None:
+    seed = int(np.random.SeedSequence(list(seed_parts)).generate_state(1)[0])
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float, momentum: float,
+                   adam_eps: float) -> torch.optim.Optimizer:
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, eps=adam_eps)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, eps=adam_eps)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def build_fold_modules(cfg: StudyConfig, num_classes: int, device: torch.device):
+    """Model, loss and their optimizers for one fold."""
+    m = cfg.model
+    model = build_model(trunk=m.trunk, pretrained=m.pretrained, weights=m.weights,
+                        pooling=m.pooling, layer_norm=m.layer_norm,
+                        embedding_size=m.embedding_size, freeze_bn=m.freeze_bn).to(device)
+    if device.type == "cuda" and cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loss_fn = build_loss(cfg.loss.name, num_classes=num_classes,
+                         embedding_size=m.embedding_size, **cfg.loss.params).to(device)
+    t = cfg.train
+    model_opt = make_optimizer(t.optimizer, model.parameters(), t.lr, t.weight_decay,
+                               t.momentum, t.adam_eps)
+    loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
+    loss_opt = None
+    if loss_params:
+        loss_opt = make_optimizer(t.loss_optimizer, loss_params, t.loss_lr,
+                                  t.loss_weight_decay, t.momentum, t.adam_eps)
+    return model, loss_fn, model_opt, loss_opt
+
+
+def validate(cfg: StudyConfig, model, data: PreparedData, indices: np.ndarray,
+             device: torch.device) -> dict:
+    """MAP@R etc. on the fold's validation classes (self-retrieval)."""
+    loader = eval_loader(cfg, data, indices, device)
+    emb, labels = compute_embeddings(model, loader, device, amp=_amp_enabled(cfg, device),
+                                     desc="validate")
+    return retrieval_metrics(emb, labels, device=device)
+
+
+def _amp_enabled(cfg: StudyConfig, device: torch.device) -> bool:
+    return cfg.train.amp and device.type == "cuda"
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train_fold(cfg: StudyConfig, data: PreparedData, fold: Fold, device: torch.device,
+               seed: int, run_dir: Path, report: ReportFn | None = None,
+               desc: str = "") -> FoldResult:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    train_idx, val_idx = fold_indices(data, fold)
+    classes = np.asarray(sorted(fold.train_classes))
+    seed_everything(seed, 0)
+    model, loss_fn, model_opt, loss_opt = build_fold_modules(cfg, len(classes), device)
+    loader, sampler = train_loader(cfg, data, train_idx, seed, device)
+    val_every, patience = dataset_defaults(cfg, data.spec)
+    t = cfg.train
+    amp = _amp_enabled(cfg, device)
+
+    state = {"epoch": 0, "best_map": -1.0, "best_epoch": 0, "best_metrics": {}, "history": []}
+    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    if last_path.exists():  # resume an interrupted fold
+        ckpt = torch.load(last_path, map_location=device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        loss_fn.load_state_dict(ckpt["loss"])
+        model_opt.load_state_dict(ckpt["model_opt"])
+        if loss_opt is not None:
+            loss_opt.load_state_dict(ckpt["loss_opt"])
+        state = ckpt["state"]
+
+    # Labels arrive as data-set class ids; losses want 0..C-1 for this fold's train classes.
+    label_map = torch.as_tensor(classes)
+    stop_reason = "max_epochs"
+    epochs = bar(range(state["epoch"] + 1, t.max_epochs + 1), desc=desc or f"fold {fold.index}",
+                 unit="epoch", initial=state["epoch"], total=t.max_epochs)
+    for epoch in epochs:
+        seed_everything(seed, epoch)
+        sampler.set_epoch(epoch)
+        if hasattr(loss_fn, "set_epoch"):
+            loss_fn.set_epoch(epoch)  # Proxy-ISA switches its memory and filter on by epoch
+        warm = epoch <= t.warmup_epochs  # warm-up: trunk frozen, embedder + proxies train
+        for p in model.trunk.parameters():
+            p.requires_grad_(not warm)
+        model.train()
+        loss_fn.train()
+        diverged = False
+        for images, labels in loader:
+            images = images.to(device, non_blocking=True)
+            if device.type == "cuda" and t.channels_last:
+                images = images.to(memory_format=torch.channels_last)
+            labels = torch.searchsorted(label_map, labels).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                embeddings = model(images)
+            loss = loss_fn(embeddings.float(), labels)  # losses run in float32 for stability
+            if not torch.isfinite(loss):
+                diverged = True
+                break
+            model_opt.zero_grad(set_to_none=True)
+            if loss_opt is not None:
+                loss_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if t.grad_clip > 0:
+                torch.nn.utils.clip_grad_value_(model.parameters(), t.grad_clip)
+            model_opt.step()
+            if loss_opt is not None:
+                loss_opt.step()
+        if diverged:
+            stop_reason = "diverged"  # keep the best checkpoint from before the divergence
+            break
+
+        state["epoch"] = epoch
+        if epoch % val_every and epoch != t.max_epochs:
+            continue
+        metrics = validate(cfg, model, data, val_idx, device)
+        state["history"].append({"epoch": epoch, "iteration": epoch * t.iters_per_epoch,
+                                 "loss": float(loss), **metrics})
+        if metrics["map_at_r"] > state["best_map"]:
+            state.update(best_map=metrics["map_at_r"], best_epoch=epoch, best_metrics=metrics)
+            _atomic_save({"model": model.state_dict(), "loss": loss_fn.state_dict(),
+                          "epoch": epoch, "metrics": metrics}, best_path)
+        epochs.set_postfix(loss=f"{float(loss):.3f}", map_at_r=f"{metrics['map_at_r']:.4f}",
+                           best=f"{state['best_map']:.4f}")
+        ckpt = {"model": model.state_dict(), "loss": loss_fn.state_dict(),
+                "model_opt": model_opt.state_dict(),
+                "loss_opt": loss_opt.state_dict() if loss_opt is not None else None,
+                "state": state}
+        _atomic_save(ckpt, last_path)
+        if report is not None:
+            report(len(state["history"]) - 1, metrics["map_at_r"])
+        if epoch - state["best_epoch"] > patience:
+            stop_reason = "patience"
+            break
+    epochs.close()
+    last_path.unlink(missing_ok=True)  # the fold is finished: only best.pt is worth keeping
+    best = state["best_map"]
+    return FoldResult(fold=fold.index, best_map_at_r=best if best >= 0 else 0.0,
+                      best_metrics=state["best_metrics"], best_epoch=state["best_epoch"],
+                      epochs_trained=state["epoch"], history=state["history"],
+                      stop_reason=stop_reason,
+                      checkpoint=str(best_path) if best_path.exists() else "")
+
+
+def load_best_model(cfg: StudyConfig, checkpoint: Path, device: torch.device):
+    """The fold model saved in best.pt, ready for embedding (no pretrained lookup needed)."""
+    m = cfg.model
+    model = build_model(trunk=m.trunk, pretrained=False, pooling=m.pooling,
+                        layer_norm=m.layer_norm, embedding_size=m.embedding_size,
+                        freeze_bn=m.freeze_bn).to(device)
+    ckpt = torch.load(checkpoint, map_location=device, weights_only=False)
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
+
+
+def is_finite(x: float) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+__all__ = ["FoldResult", "train_fold", "validate", "load_best_model", "seed_everything",
+           "get_loss_spec"]

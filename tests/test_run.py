@@ -1,0 +1,187 @@
+"""End-to-end runs of the CLI on tiny embedded data: protocol, resume, kill -9, failure paths."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+
+from harness.run import main
+
+REPO = Path(__file__).resolve().parent.parent
+
+TINY_STUDY = """
+description = "tiny end-to-end study for tests"
+[data]
+dataset = "glyphs"
+root = "{root}"
+glyph_classes = 32
+glyph_per_class = 8
+resize = 36
+crop = 32
+scale_min = 0.5
+num_workers = 0
+[model]
+trunk = "small_cnn"
+pretrained = false
+embedding_size = 16
+freeze_bn = false
+[loss]
+name = "{loss}"
+[train]
+optimizer = "adam"
+lr = 1e-3
+loss_optimizer = "adam"
+batch_size = 16
+iters_per_epoch = {iters}
+max_epochs = 2
+val_every_epochs = 1
+patience = 5
+eval_batch_size = 64
+[search]
+trials = 2
+n_startup_trials = 1
+pruner = "none"
+[final]
+reproductions = 1
+"""
+
+
+@pytest.fixture(scope="module")
+def glyph_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("glyphs")
+
+
+def write_study(tmp_path: Path, glyph_root: Path, loss: str = "proxy_anchor", iters: int = 3,
+                name: str = "tiny") -> Path:
+    path = tmp_path / f"{name}.toml"
+    path.write_text(TINY_STUDY.format(root=glyph_root, loss=loss, iters=iters))
+    return path
+
+
+def load(output: Path, name: str = "tiny") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{output / 'study.db'}")
+
+
+@pytest.mark.slow
+def test_whole_protocol_then_resume(tmp_path, glyph_root, monkeypatch):
+    monkeypatch.setenv("HARNESS_NO_PROGRESS", "1")
+    study = write_study(tmp_path, glyph_root)
+    out = tmp_path / "run"
+    assert main(["--study", str(study), "--output", str(out), "--device", "cpu"]) == 0
+
+    for name in ("config.json", "provenance.json", "split_manifest.json", "study.db",
+                 "search_summary.json", "final/test_metrics.csv", "final/summary.csv",
+                 "final/summary.json", "final/untrained_metrics.json"):
+        assert (out / name).exists(), name
+    manifest = json.loads((out / "split_manifest.json").read_text())
+    assert manifest  # written by harness.splits
+    frame = pd.read_csv(out / "final" / "test_metrics.csv")
+    assert sorted(frame[frame["mode"] == "separated"]["fold"]) == [0, 1, 2, 3]
+    assert (frame["mode"] == "concatenated").sum() == 1
+    assert frame[["precision_at_1", "map_at_r", "r_precision"]].notna().all().all()
+    trials = load(out).get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    for t in trials:
+        assert len(t.user_attrs["fold_map_at_r"]) == 4
+        assert t.value == pytest.approx(sum(t.user_attrs["fold_map_at_r"]) / 4)
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance[0]["git"]["commit"] and "torch" in provenance[0]["versions"]
+
+    # Same command again: nothing retrained, nothing counted twice.
+    before = (out / "final" / "test_metrics.csv").read_text()
+    assert main(["--study", str(study), "--output", str(out), "--device", "cpu"]) == 0
+    assert len(load(out).get_trials()) == 2
+    assert (out / "final" / "test_metrics.csv").read_text() == before
+    assert len(json.loads((out / "provenance.json").read_text())) == 2
+
+    # A bigger budget continues the same study: exactly one more trial, the old ones kept.
+    assert main(["--study", str(study), "--output", str(out), "--device", "cpu",
+                 "--trials", "3", "--stage", "search"]) == 0
+    after = load(out).get_trials()
+    assert len(after) == 3 and [t.params for t in after[:2]] == [t.params for t in trials]
+
+
+@pytest.mark.slow
+def test_kill_minus_9_mid_trial_then_resume(tmp_path, glyph_root):
+    study = write_study(tmp_path, glyph_root, iters=40)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "harness.run", "--study", str(study), "--output", str(out),
+           "--device", "cpu", "--stage", "search"]
+    env = {**os.environ, "HARNESS_NO_PROGRESS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    # Wait until trial 0 has finished at least one fold but not all four, then kill -9.
+    deadline = time.time() + 240
+    killed_after = None
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+        if not (out / "study.db").exists():
+            continue
+        try:
+            trials = load(out).get_trials()
+        except Exception:  # the study may not be created yet
+            continue
+        if trials and 1 <= len(trials[0].user_attrs.get("fold_results", {})) < 4:
+            killed_after = dict(trials[0].user_attrs["fold_results"])
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=30)
+    assert killed_after is not None, proc.stdout.read().decode()[-2000:]
+    first = load(out).get_trials()[0]
+    assert first.state.name == "RUNNING"  # what a killed process leaves behind
+    finished_fold_files = {k: (out / "trials" / "trial_0000" / f"fold_{k}" / "history.json")
+                           .stat().st_mtime_ns for k in killed_after}
+
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    trials = load(out).get_trials()
+    states = [t.state.name for t in trials]
+    assert states[0] == "FAIL"  # the killed trial is failed ...
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == 0]
+    assert len(retry) == 1 and retry[0].state.name == "COMPLETE"  # ... and retried once
+    assert retry[0].params == first.params  # with the same parameters
+    assert states.count("COMPLETE") == 2  # the budget, exactly
+    for k, mtime in finished_fold_files.items():  # finished folds were not trained again
+        path = out / "trials" / "trial_0000" / f"fold_{k}" / "history.json"
+        assert path.stat().st_mtime_ns == mtime
+        assert retry[0].user_attrs["fold_results"][k] == killed_after[k]
+
+
+def test_cli_errors_are_clear_and_traceback_free(tmp_path, capsys, glyph_root):
+    assert main(["--study", "no_such_study"]) == 2
+    err = capsys.readouterr().err
+    assert "no study named 'no_such_study'" in err and "Traceback" not in err
+
+    study = write_study(tmp_path, glyph_root)
+    assert main(["--study", str(study), "--set", "train.lrate=1"]) == 2
+    assert "unknown key 'lrate'" in capsys.readouterr().err
+
+    assert main(["--study", "quickstart", "--set", "data.dataset=cub200", "--set",
+                 "data.root=" + str(tmp_path / "missing"), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "missing" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_output_folder_refuses_a_different_configuration(tmp_path, glyph_root, capsys):
+    out = tmp_path / "run"
+    study = write_study(tmp_path, glyph_root)
+    assert main(["--study", str(study), "--output", str(out), "--device", "cpu",
+                 "--trials", "1", "--stage", "search"]) == 0
+    other = write_study(tmp_path, glyph_root, loss="normalized_softmax", name="tiny")
+    assert main(["--study", str(other), "--output", str(out), "--device", "cpu"]) == 2
+    assert "different configuration" in capsys.readouterr().err
+
+
+def test_list_shows_the_studies(capsys):
+    assert main(["--list"]) == 0
+    assert "quickstart" in capsys.readouterr().out
