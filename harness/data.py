@@ -13,7 +13,7 @@ from harness.config import StudyConfig
 from harness.datasets import DatasetSpec, ImageDataset, Records, get_dataset, load_records
 from harness.errors import ConfigError
 from harness.sampler import SeededMPerClassSampler
-from harness.splits import Fold, Split, make_split, sample_indices, test_sets
+from harness.splits import Fold, Split, make_split, query_gallery_indices, sample_indices
 from harness.transforms import build_transforms
 
 
@@ -112,4 +112,4 @@ def resolve_device(name: str) -> torch.device:
 
 
 __all__ = ["PreparedData", "prepare_data", "fold_indices", "train_loader", "eval_loader",
-           "dataset_defaults", "resolve_device", "resolve_data_root", "test_sets"]
+           "dataset_defaults", "resolve_device", "resolve_data_root", "query_gallery_indices"]

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from harness.config import StudyConfig
-from harness.data import PreparedData, eval_loader, test_sets
+from harness.data import PreparedData, eval_loader, query_gallery_indices
 from harness.metrics import compute_embeddings, retrieval_metrics
 from harness.progress import bar
 from harness.search import hash_seed
@@ -30,7 +30,7 @@ METRIC_COLUMNS = ("precision_at_1", "recall_at_1", "recall_at_2", "recall_at_4",
 
 
 def embed_test_set(cfg: StudyConfig, model, data: PreparedData, device) -> dict[str, np.ndarray]:
-    query_idx, gallery_idx = test_sets(data.records, data.split)
+    query_idx, gallery_idx = query_gallery_indices(data.records, data.split)
     out = {}
     for name, idx in (("query", query_idx), ("gallery", gallery_idx)):
         if idx is None:

@@ -11,7 +11,7 @@ Objective = suggest, train, report, prune (Optuna's examples):
 
 Resuming: storage is an Optuna RDB (SQLite file in the output folder by default), so re-running
 the same command continues the study. Finished trials are kept. A trial left RUNNING by a killed
-process is failed and retried with the same parameters (Optuna's RetryFailedTrialCallback); the
+process is failed and retried with the same parameters (Optuna's heartbeat retry callback); the
 folds it had finished are stored on it and are not trained again. Trials count toward the budget
 only when COMPLETE or PRUNED, so nothing is counted twice.
 """
@@ -28,9 +28,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import warnings
+
 import numpy as np
 import optuna
-from optuna.storages import RDBStorage, RetryFailedTrialCallback
+from optuna.storages import RDBStorage
+# Optuna renamed RetryFailedTrialCallback (deprecated since 4.9, removed in 6.0); same behaviour.
+from optuna.storages import RetryHeartbeatStaleTrialCallback as RetryStaleTrial
 from optuna.trial import TrialState
 
 from harness.config import StudyConfig, set_value
@@ -39,6 +43,9 @@ from harness.errors import ConfigError
 from harness.progress import bar
 from harness.train import train_fold
 from losses.registry import SearchParam, get_loss_spec
+
+# Heartbeats and the retry callback are marked experimental; they are what makes runs resumable.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 HEARTBEAT_SECONDS = 30  # a worker's trial is declared stale after GRACE without a heartbeat
 GRACE_SECONDS = 120
@@ -122,7 +129,7 @@ def default_storage(output: Path) -> str:
 def open_storage(url: str) -> RDBStorage:
     try:
         return RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
-                          failed_trial_callback=RetryFailedTrialCallback(
+                          heartbeat_stale_trial_callback=RetryStaleTrial(
                               max_retry=MAX_RETRIES, inherit_intermediate_values=True),
                           engine_kwargs=_engine_kwargs(url))
     except Exception as e:  # SQLAlchemy raises many types; the user needs the URL and the reason
@@ -166,7 +173,7 @@ def fail_dead_local_trials(study: optuna.Study) -> list[int]:
 
     The heartbeat finds stale trials from any machine, but only after the grace period; a user
     who kills a run and restarts it at once should not wait for that. Returns the trial numbers
-    failed (each is then retried by the storage's RetryFailedTrialCallback).
+    failed (each is then retried by the storage's retry callback).
     """
     failed = []
     host = socket.gethostname()
@@ -174,7 +181,7 @@ def fail_dead_local_trials(study: optuna.Study) -> list[int]:
         if t.user_attrs.get("host") != host or _pid_alive(t.user_attrs.get("pid", -1)):
             continue
         study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
-        RetryFailedTrialCallback(max_retry=MAX_RETRIES, inherit_intermediate_values=True)(
+        RetryStaleTrial(max_retry=MAX_RETRIES, inherit_intermediate_values=True)(
             study, study._storage.get_trial(t._trial_id))
         failed.append(t.number)
     return failed
@@ -208,7 +215,7 @@ def hash_seed(*parts: int) -> int:
 
 
 def _original_trial(study: optuna.Study, trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:
-    number = RetryFailedTrialCallback.retried_trial_number(
+    number = RetryStaleTrial.retried_trial_number(
         study._storage.get_trial(trial._trial_id))
     if number is None:
         return None

@@ -182,7 +182,7 @@ def train_fold(cfg: StudyConfig, data: PreparedData, fold: Fold, device: torch.d
             continue
         metrics = validate(cfg, model, data, val_idx, device)
         state["history"].append({"epoch": epoch, "iteration": epoch * t.iters_per_epoch,
-                                 "loss": float(loss), **metrics})
+                                 "loss": float(loss.detach()), **metrics})
         if metrics["map_at_r"] > state["best_map"]:
             state.update(best_map=metrics["map_at_r"], best_epoch=epoch, best_metrics=metrics)
             _atomic_save({"model": model.state_dict(), "loss": loss_fn.state_dict(),

@@ -1,0 +1,63 @@
+"""SoftTriple's center regulariser (Qian et al., ICCV 2019; idstcv/SoftTriple), memory-light.
+
+    R = sum_c sum_{k < k'} sqrt(2 + eps - 2 <w^_ck, w^_ck'>) / (C K (K - 1))
+
+over the L2-normalised centers w^ of each class. Same value as pml 2.9.0's
+`regularizers.SparseCentersRegularizer` (its clamp, small value and divisor 2 * #pairs), which
+builds two (C*K) x (C*K) masks and the full (C*K) x (C*K) similarity matrix: 12.8 GB of masks
+alone for SOP's 11,318 classes x 10 centers. This one computes the C blocks of K x K similarities
+with one batched matmul: O(C K^2) memory, and any number of classes (so it also works on a
+weight matrix that Proxy Synthesis enlarged).
+
+Input: the (C*K, D) centers in pml SoftTripleLoss's class-major order (row c*K + k), i.e. what
+SoftTripleLoss passes to its weight regulariser (`fc.t()`). pml's weight_reg_weight multiplies it
+(MLRC's SoftTriple `reg_weight`, official tau = 0.2).
+"""
+
+from __future__ import annotations
+
+import torch
+from pytorch_metric_learning.distances import CosineSimilarity
+from pytorch_metric_learning.reducers import DivisorReducer
+from pytorch_metric_learning.regularizers import BaseRegularizer
+from pytorch_metric_learning.utils import common_functions as c_f
+
+
+class SparseCentersRegularizer(BaseRegularizer):
+    """Pulls the K centers of each class together; equal to pml's, O(C K^2) memory."""
+
+    def __init__(self, centers_per_class: int, **kwargs):
+        super().__init__(**kwargs)
+        if centers_per_class < 2:
+            raise ValueError("SparseCentersRegularizer needs centers_per_class >= 2")
+        c_f.assert_distance_type(self, CosineSimilarity)
+        self.centers_per_class = int(centers_per_class)
+        self.add_to_recordable_attributes(list_of_names=["centers_per_class"], is_stat=False)
+
+    def compute_loss(self, weights):
+        k = self.centers_per_class
+        if weights.shape[0] % k:
+            raise ValueError(
+                f"SparseCentersRegularizer: {weights.shape[0]} centers is not a multiple of "
+                f"centers_per_class={k}"
+            )
+        centers = self.distance.normalize(weights).reshape(-1, k, weights.shape[1])
+        sims = torch.bmm(centers, centers.transpose(1, 2))  # (C, K, K)
+        iu = torch.triu_indices(k, k, offset=1, device=weights.device)
+        same_class = sims[:, iu[0], iu[1]].reshape(-1)
+        small_val = c_f.small_val(weights.dtype)
+        reg = torch.sqrt(2.0 + small_val - torch.clamp(2.0 * same_class, max=2))
+        return {
+            "loss": {
+                "losses": reg,
+                "indices": c_f.torch_arange_from_size(reg),
+                "reduction_type": "element",
+                "divisor": 2 * reg.numel(),  # pml: 2 * (number of same-class pairs)
+            }
+        }
+
+    def get_default_distance(self):
+        return CosineSimilarity()
+
+    def get_default_reducer(self):
+        return DivisorReducer()

@@ -1,0 +1,302 @@
+"""ProxyNCA++, Proxy Anchor and the SoftTriple center regulariser against slow references.
+
+The references are written from the formulas with explicit Python loops over samples and proxies
+in float64 (torch scalars, so autograd gives reference gradients too); they never call the
+implementation. Other test files import `ref_proxy_anchor` and `make_batch` from here.
+"""
+
+import math
+
+import pytest
+import torch
+from pytorch_metric_learning import losses as pml_losses
+from pytorch_metric_learning import regularizers as pml_regularizers
+
+from losses import ProxyAnchorLoss, ProxyISALoss, ProxyNCAPlusPlusLoss, ProxySynthesisLoss
+from losses import SparseCentersRegularizer, build_loss
+
+DTYPES = [torch.float32, torch.float64]
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
+BF16_TOL = dict(rtol=2e-2, atol=2e-2)  # bf16 matmuls under CPU autocast: ~3 significant digits
+
+
+# -------------------------------------------------------------------------------------------
+# Shared helpers (also imported by the other loss test files)
+# -------------------------------------------------------------------------------------------
+def m_per_class_labels(classes, m):
+    """[c0]*m + [c1]*m + ...: what an m-per-class sampler yields."""
+    return torch.tensor([c for c in classes for _ in range(m)])
+
+
+def make_batch(labels, num_classes, dim=16, seed=0, near=0.0):
+    """float64 leaf tensors X (B, D), P (C, D); `near` > 0 pulls each x toward its proxy."""
+    g = torch.Generator().manual_seed(seed)
+    P = torch.randn(num_classes, dim, generator=g, dtype=torch.float64)
+    X = torch.randn(len(labels), dim, generator=g, dtype=torch.float64)
+    if near:
+        X = X + near * P[labels] / P[labels].norm(dim=1, keepdim=True) * math.sqrt(dim)
+    return X.requires_grad_(), P.requires_grad_()
+
+
+def unit(v):
+    return v / torch.sqrt(torch.sum(v * v))
+
+
+def ref_proxy_anchor(X, labels, P, alpha=32.0, delta=0.1, weights=None, z_pos=None, z_neg=None):
+    """Proxy Anchor from its formula; weights[i][c] multiplies the exponent (Proxy-ISA)."""
+    ys = [int(y) for y in labels]
+    xs = [unit(X[i]) for i in range(len(ys))]
+    ps = [unit(P[c]) for c in range(P.shape[0])]
+    with_pos = sorted(set(ys))
+    zero = torch.zeros((), dtype=torch.float64)
+    pos_total, neg_total = zero, zero
+    for c, p in enumerate(ps):
+        pos_sum, neg_sum = zero, zero
+        for i, x in enumerate(xs):
+            s = torch.dot(x, p)
+            m = 1.0 if weights is None else weights[i][c]
+            if ys[i] == c:
+                pos_sum = pos_sum + torch.exp(alpha * m * (delta - s))
+            else:
+                neg_sum = neg_sum + torch.exp(alpha * m * (s + delta))
+        if c in with_pos:
+            pos_total = pos_total + torch.log(1.0 + pos_sum)
+        neg_total = neg_total + torch.log(1.0 + neg_sum)
+    z_pos = len(with_pos) if z_pos is None else z_pos
+    z_neg = len(ps) if z_neg is None else z_neg
+    return pos_total / z_pos + neg_total / z_neg
+
+
+def ref_proxy_nca_pp(X, labels, P, temperature):
+    """-log softmax(-||x^ - p^||^2 / T) at the true proxy, averaged over the batch."""
+    total = 0.0
+    ps = [unit(P[c]) for c in range(P.shape[0])]
+    for i, y in enumerate(int(v) for v in labels):
+        x = unit(X[i])
+        d = [torch.sum((x - p) ** 2) / temperature for p in ps]
+        total = total + d[y] + torch.log(sum(torch.exp(-dc) for dc in d))
+    return total / len(labels)
+
+
+def run(loss, X, P, labels, dtype, param="proxies"):
+    """Loss value and (embedding, proxy) gradients with X, P cast to `dtype`."""
+    with torch.no_grad():
+        getattr(loss, param).copy_(P.detach().to(dtype))  # P already in the parameter's layout
+    x = X.detach().to(dtype).requires_grad_()
+    loss.zero_grad()
+    value = loss(x, labels)
+    value.backward()
+    return value, x.grad, getattr(loss, param).grad
+
+
+def ref_grads(ref_value, X, P):
+    gx, gp = torch.autograd.grad(ref_value, (X, P))
+    return gx, gp
+
+
+def assert_close(actual, expected, dtype_or_tol):
+    tol = TOL[dtype_or_tol] if isinstance(dtype_or_tol, torch.dtype) else dtype_or_tol
+    torch.testing.assert_close(actual.detach().double(), expected.detach().double(), **tol)
+
+
+# -------------------------------------------------------------------------------------------
+# Proxy Anchor
+# -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("alpha,margin", [(32.0, 0.1), (4.0, 0.4)])
+def test_proxy_anchor_matches_reference(dtype, alpha, margin):
+    C = 10
+    labels = m_per_class_labels([2, 5, 7], 4)
+    X, P = make_batch(labels, C)
+    loss = ProxyAnchorLoss(C, 16, margin=margin, alpha=alpha).to(dtype)
+    value, gx, gp = run(loss, X, P, labels, dtype)
+    ref = ref_proxy_anchor(X, labels, P, alpha=alpha, delta=margin)
+    rgx, rgp = ref_grads(ref, X, P)
+    assert_close(value, ref, dtype)
+    assert_close(gx, rgx, dtype)
+    assert_close(gp, rgp, dtype)
+    assert gp.abs().sum() > 0 and gx.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_proxy_anchor_equals_pml(dtype):
+    C = 10
+    labels = m_per_class_labels([0, 3, 4], 4)
+    X, P = make_batch(labels, C, seed=3)
+    ours, theirs = ProxyAnchorLoss(C, 16).to(dtype), pml_losses.ProxyAnchorLoss(C, 16).to(dtype)
+    v1, gx1, gp1 = run(ours, X, P, labels, dtype)
+    v2, gx2, gp2 = run(theirs, X, P, labels, dtype)
+    assert torch.equal(v1, v2)
+    assert torch.equal(gx1, gx2) and torch.equal(gp1, gp2)
+
+
+def test_proxy_anchor_bf16_autocast():
+    C = 10
+    labels = m_per_class_labels([1, 2, 3], 4)
+    X, P = make_batch(labels, C, seed=4)
+    loss = ProxyAnchorLoss(C, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value, gx, gp = run(loss, X, P, labels, torch.float32)
+    ref = ref_proxy_anchor(X, labels, P)
+    assert torch.isfinite(gx).all() and torch.isfinite(gp).all()
+    assert_close(value, ref, BF16_TOL)
+
+
+# -------------------------------------------------------------------------------------------
+# ProxyNCA++
+# -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("temperature", [1 / 9, 0.5])
+def test_proxy_nca_pp_matches_reference(dtype, temperature):
+    C = 10
+    labels = m_per_class_labels([1, 4, 8], 4)
+    X, P = make_batch(labels, C, seed=1)
+    loss = ProxyNCAPlusPlusLoss(C, 16, temperature=temperature).to(dtype)
+    value, gx, gp = run(loss, X, P, labels, dtype)
+    ref = ref_proxy_nca_pp(X, labels, P, temperature)
+    rgx, rgp = ref_grads(ref, X, P)
+    assert_close(value, ref, dtype)
+    assert_close(gx, rgx, dtype)
+    assert_close(gp, rgp, dtype)
+
+
+def test_proxy_nca_pp_official_scaled_form():
+    """The official code: both sides normalised then scaled by s = sqrt(1/T), D = squared
+    Euclidean, cross-entropy of softmax(-D) over all proxies."""
+    C, T = 10, 1 / 9
+    labels = m_per_class_labels([0, 1, 2], 4)
+    X, P = make_batch(labels, C, seed=2)
+    s = math.sqrt(1 / T)
+    total = 0.0
+    for i, y in enumerate(labels.tolist()):
+        d = [torch.sum((s * unit(X[i]) - s * unit(P[c])) ** 2) for c in range(C)]
+        total = total - torch.log(torch.exp(-d[y]) / sum(torch.exp(-dc) for dc in d))
+    loss = ProxyNCAPlusPlusLoss(C, 16, temperature=T).double()
+    value, _, _ = run(loss, X, P, labels, torch.float64)
+    assert_close(value, total / len(labels), torch.float64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_proxy_nca_pp_equals_pml_proxy_nca(dtype):
+    C, T = 10, 1 / 9
+    labels = m_per_class_labels([3, 6, 9], 4)
+    X, P = make_batch(labels, C, seed=5)
+    ours = ProxyNCAPlusPlusLoss(C, 16, temperature=T).to(dtype)
+    theirs = pml_losses.ProxyNCALoss(C, 16, softmax_scale=1 / T).to(dtype)
+    v1, gx1, gp1 = run(ours, X, P, labels, dtype)
+    v2, gx2, gp2 = run(theirs, X, P, labels, dtype)
+    assert_close(v1, v2, dtype)
+    assert_close(gx1, gx2, dtype)
+    assert_close(gp1, gp2, dtype)
+
+
+def test_proxy_nca_pp_bf16_autocast():
+    C = 10
+    labels = m_per_class_labels([1, 2, 3], 4)
+    X, P = make_batch(labels, C, seed=6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value, gx, gp = run(ProxyNCAPlusPlusLoss(C, 16), X, P, labels, torch.float32)
+    assert torch.isfinite(gx).all() and torch.isfinite(gp).all()
+    assert_close(value, ref_proxy_nca_pp(X, labels, P, 1 / 9), BF16_TOL)
+
+
+def test_proxy_nca_pp_small_temperature_stays_finite():
+    """At T=0.01 a positive probability can underflow; log_softmax keeps the sample."""
+    C = 10
+    labels = m_per_class_labels([0, 1, 2], 4)
+    X, P = make_batch(labels, C, seed=7)
+    value, _, _ = run(ProxyNCAPlusPlusLoss(C, 16, temperature=0.01), X, P, labels, torch.float32)
+    ref = ref_proxy_nca_pp(X, labels, P, 0.01)
+    assert torch.isfinite(value)
+    assert_close(value, ref, dict(rtol=1e-4, atol=1e-3))
+
+
+# -------------------------------------------------------------------------------------------
+# Edge cases shared by our losses
+# -------------------------------------------------------------------------------------------
+def _our_losses(C):
+    return {
+        "proxy_anchor": ProxyAnchorLoss(C, 16),
+        "proxy_nca_pp": ProxyNCAPlusPlusLoss(C, 16),
+        "proxy_isa": ProxyISALoss(C, 16, memory_size=64),
+        "proxy_synthesis": ProxySynthesisLoss(ProxyAnchorLoss(C, 16), generator=0),
+    }
+
+
+@pytest.mark.parametrize("name", ["proxy_anchor", "proxy_nca_pp", "proxy_isa", "proxy_synthesis"])
+@pytest.mark.parametrize("bad", [[0, 1, 10, 2], [-1, 0, 1, 1], [0, 0, 57, 3]])
+def test_out_of_range_labels_raise_clear_error(name, bad):
+    C = 10
+    loss = _our_losses(C)[name]
+    with pytest.raises(ValueError) as info:
+        loss(torch.randn(len(bad), 16), torch.tensor(bad))
+    msg = str(info.value)
+    assert f"[{min(bad)}, {max(bad)}]" in msg and str(C) in msg
+
+
+def test_float_labels_raise_clear_error():
+    with pytest.raises(ValueError, match="integer"):
+        ProxyAnchorLoss(10, 16)(torch.randn(4, 16), torch.tensor([0.0, 1.0, 1.0, 2.0]))
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [[4, 4, 4, 4],  # one class in the batch
+     [3, 3, 7, 7],  # most classes absent
+     [0, 9],  # a batch of 2
+     [5]],  # a batch of 1
+    ids=["one-class", "absent-classes", "batch-of-2", "batch-of-1"],
+)
+def test_edge_batches_match_references(labels):
+    C = 10
+    labels = torch.tensor(labels)
+    X, P = make_batch(labels, C, seed=8)
+    pa, gx, gp = run(ProxyAnchorLoss(C, 16).double(), X, P, labels, torch.float64)
+    ref = ref_proxy_anchor(X, labels, P)
+    assert_close(pa, ref, torch.float64)
+    assert torch.isfinite(gx).all() and torch.isfinite(gp).all()
+    isa, _, _ = run(ProxyISALoss(C, 16, memory_size=8).double(), X, P, labels, torch.float64)
+    assert_close(isa, ref, torch.float64)
+    nca, _, _ = run(ProxyNCAPlusPlusLoss(C, 16).double(), X, P, labels, torch.float64)
+    assert_close(nca, ref_proxy_nca_pp(X, labels, P, 1 / 9), torch.float64)
+
+
+# -------------------------------------------------------------------------------------------
+# SoftTriple's center regulariser
+# -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sparse_centers_regularizer_equals_pml(dtype):
+    C, K, D = 6, 4, 8
+    w = torch.randn(C * K, D, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    w1, w2 = w.clone().requires_grad_(), w.clone().requires_grad_()
+    ours = SparseCentersRegularizer(K)(w1)
+    theirs = pml_regularizers.SparseCentersRegularizer(C, K)(w2)
+    ours.backward()
+    theirs.backward()
+    assert_close(ours, theirs, dtype)
+    assert_close(w1.grad, w2.grad, dtype)
+
+
+def test_sparse_centers_regularizer_reference():
+    C, K, D = 3, 3, 5
+    w = torch.randn(C * K, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    total = 0.0
+    for c in range(C):
+        for a in range(K):
+            for b in range(a + 1, K):
+                s = torch.dot(unit(w[c * K + a]), unit(w[c * K + b]))
+                total = total + torch.sqrt(2.0 + 1e-300 - 2.0 * s)
+    assert_close(SparseCentersRegularizer(K)(w), total / (C * K * (K - 1)), torch.float64)
+
+
+def test_soft_triple_reg_weight_adds_weighted_regulariser():
+    C, D = 10, 16
+    labels = m_per_class_labels([0, 1, 2], 4)
+    X, _ = make_batch(labels, C)
+    torch.manual_seed(0)
+    with_reg = build_loss("soft_triple", C, D, reg_weight=0.7)
+    without = build_loss("soft_triple", C, D, reg_weight=0.0)
+    without.load_state_dict(with_reg.state_dict())
+    x = X.detach().float()
+    reg = SparseCentersRegularizer(10)(with_reg.fc.t())
+    assert_close(with_reg(x, labels) - without(x, labels), 0.7 * reg, torch.float32)
