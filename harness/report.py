@@ -1,0 +1,955 @@
+"""Turn finished run folders into tables, significance tests and plots.
+
+    python -m harness.report                       # every run folder under results/
+    python -m harness.report results/quickstart results/embedded --out /tmp/report
+
+A run folder is one that holds `final/test_metrics.csv` (written by `harness.run`). Named folders
+that are not run folders themselves are scanned recursively, as `results/` is by default; in a
+scan, a run folder without `final/test_metrics.csv` (an unfinished run) is skipped with a
+warning, while naming such a folder explicitly is an error.
+
+What is written to --out (default results/report/), all listed in its README.md:
+  * `table_<dataset>.md|csv|tex`: one row per method (run folder), P@1, R-Precision and MAP@R as
+    mean ± std over reproductions, "separated" (per reproduction the mean of the fold models'
+    scores, then mean ± std over reproductions: MLRC) and "concatenated" (one score per
+    reproduction); the CSV also holds R@1/2/4/8, the raw fractions and a `*_best` flag column per
+    metric. An "untrained" reference row (final/untrained_metrics.json), and for the real data
+    sets the published numbers (harness/paper_numbers.py) below a separator, labelled
+    "paper (own protocol, not comparable)".
+  * `significance.md|csv`: Welch's t-test between every pair of methods of a data set over the
+    reproductions' MAP@R (concatenated and separated), Holm-corrected across the pairs.
+  * `plots/`: per data set a bar chart of MAP@R and P@1 (± std); per run the Optuna optimisation
+    history and parameter importances (from the run's study.db) and the validation MAP@R curves
+    of the final training folds. PNG and PDF.
+Files an earlier report wrote there under these names are replaced (stale ones removed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import itertools
+import json
+import math
+import os
+import re
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from harness.errors import HarnessError
+from harness.paper_numbers import PAPER_LABEL, REAL_DATASETS, paper_results
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "results"
+DEFAULT_OUT = RESULTS_DIR / "report"
+
+MODES = ("separated", "concatenated")
+ALL_METRICS = ("precision_at_1", "recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8",
+               "r_precision", "map_at_r")
+TABLE_METRICS = ("precision_at_1", "r_precision", "map_at_r")
+SIGNIFICANCE_METRICS = ("map_at_r",)
+LABELS = {"precision_at_1": "P@1", "recall_at_1": "R@1", "recall_at_2": "R@2",
+          "recall_at_4": "R@4", "recall_at_8": "R@8", "r_precision": "R-Precision",
+          "map_at_r": "MAP@R"}
+MODE_LABELS = {"separated": "sep.", "concatenated": "concat."}
+ALPHA = 0.05
+NEEDS_TWO = "n/a (needs ≥2 reproductions)"
+TEST_DESCRIPTION = (
+    "Welch's two-sample t-test (unequal variances, two-sided; "
+    "`scipy.stats.ttest_ind(a, b, equal_var=False)`) on the per-reproduction values of each "
+    "method (concatenated: the 4 fold models' joined embedding, one score per reproduction; "
+    "separated: the mean of the fold models' scores in each reproduction). p-values are "
+    "Holm-corrected (step-down, family-wise error rate) across all pairs of methods of one data "
+    "set, mode and metric; a pair is marked significant when the corrected p < "
+    f"{ALPHA}.")
+
+
+class ReportError(HarnessError):
+    """No run folder to report, or a named folder is not a finished run."""
+
+
+# --------------------------------------------------------------------------------------------
+# Finding and reading run folders
+# --------------------------------------------------------------------------------------------
+def _is_run(path: Path) -> bool:
+    return (path / "final" / "test_metrics.csv").is_file()
+
+
+def _scan(root: Path, exclude: Path | None) -> tuple[list[Path], list[str]]:
+    """Run folders under `root` (not descending into them), and warnings for unfinished ones."""
+    found, notes = [], []
+    for dirpath, dirnames, _ in os.walk(root):
+        here = Path(dirpath)
+        if exclude is not None and here.resolve() == exclude:
+            dirnames[:] = []
+            continue
+        if _is_run(here):
+            found.append(here)
+            dirnames[:] = []
+        elif (here / "config.json").is_file():
+            notes.append(f"skipped {here}: no final/test_metrics.csv (the run has not reached "
+                         f"its final step)")
+            dirnames[:] = []
+        else:
+            dirnames.sort()
+    return found, notes
+
+
+def find_run_dirs(paths: list[str | Path] | None = None, results_dir: Path = RESULTS_DIR,
+                  exclude: Path | None = None) -> tuple[list[Path], list[str]]:
+    """The run folders to report and the warnings of the scan.
+
+    No `paths`: every run folder under `results_dir`, recursively. Otherwise each path is a run
+    folder (it must hold final/test_metrics.csv) or a folder scanned recursively.
+    """
+    exclude = exclude.resolve() if exclude is not None else None
+    found: list[Path] = []
+    notes: list[str] = []
+    if not paths:
+        if not results_dir.is_dir():
+            raise ReportError(f"no run folders found: {results_dir} does not exist. Run a study "
+                              f"first (python -m harness.run --study quickstart) or name run "
+                              f"folders: python -m harness.report RUN_DIR ...")
+        found, notes = _scan(results_dir, exclude)
+        if not found:
+            raise ReportError(f"no run folders found under {results_dir} (a run folder holds "
+                              f"final/test_metrics.csv, written when a run reaches its final "
+                              f"step)" + (f"; {len(notes)} unfinished run(s) skipped"
+                                          if notes else ""))
+    else:
+        for p in map(Path, paths):
+            if not p.is_dir():
+                raise ReportError(f"{p}: no such folder")
+            if _is_run(p):
+                found.append(p)
+            elif (p / "config.json").is_file():
+                raise ReportError(f"{p} lacks final/test_metrics.csv: the run has not reached "
+                                  f"its final step (resume it with the same harness.run "
+                                  f"command)")
+            else:
+                sub, sub_notes = _scan(p, exclude)
+                if not sub:
+                    raise ReportError(f"{p} is not a run folder (no final/test_metrics.csv) "
+                                      f"and holds no run folder below it")
+                found += sub
+                notes += sub_notes
+    unique: dict[Path, Path] = {}
+    for p in found:
+        unique.setdefault(p.resolve(), p)
+    return list(unique.values()), notes
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict
+    per_rep: pd.DataFrame  # index (mode, reproduction), one column per metric (fractions)
+    fold_rows: pd.DataFrame  # the separated rows of the complete reproductions
+    untrained: dict | None
+    search: dict | None
+    provenance: list[dict]
+    notes: list[str] = field(default_factory=list)
+    label: str = ""
+    slug: str = ""
+
+    @property
+    def study(self) -> str:
+        return str(self.config.get("name", self.path.name))
+
+    @property
+    def profile(self) -> str:
+        """The --profile of the run's first invocation (config.json does not record it)."""
+        for p in self.provenance:
+            words = str(p.get("command", "")).split() if isinstance(p, dict) else []
+            for i, w in enumerate(words):
+                if w == "--profile" and i + 1 < len(words):
+                    return Path(words[i + 1]).stem
+                if w.startswith("--profile="):
+                    return Path(w.split("=", 1)[1]).stem
+        return ""
+
+    @property
+    def dataset(self) -> str:
+        return str(self.config.get("data", {}).get("dataset", "unknown"))
+
+    @property
+    def loss(self) -> str:
+        return str(self.config.get("loss", {}).get("name", ""))
+
+    def values(self, mode: str, metric: str) -> np.ndarray:
+        if mode not in self.per_rep.index.get_level_values(0) or metric not in self.per_rep:
+            return np.array([], dtype=float)
+        return self.per_rep.loc[mode, metric].to_numpy(dtype=float)
+
+    @property
+    def reproductions(self) -> int:
+        return len(self.values("concatenated", "map_at_r"))
+
+    @property
+    def trials_counted(self) -> int | None:
+        if not self.search:
+            return None
+        return sum(t.get("state") in ("COMPLETE", "PRUNED") for t in self.search.get("trials", []))
+
+    @property
+    def trials_complete(self) -> int | None:
+        if not self.search:
+            return None
+        return sum(t.get("state") == "COMPLETE" for t in self.search.get("trials", []))
+
+    @property
+    def max_iterations(self) -> int | None:
+        t = self.config.get("train", {})
+        if "iters_per_epoch" in t and "max_epochs" in t:
+            return int(t["iters_per_epoch"]) * int(t["max_epochs"])
+        return None
+
+    @property
+    def mean_best_iteration(self) -> float | None:
+        t = self.config.get("train", {})
+        if "best_epoch" not in self.fold_rows or "iters_per_epoch" not in t:
+            return None
+        return float(self.fold_rows["best_epoch"].mean() * int(t["iters_per_epoch"]))
+
+
+def _read_json(path: Path, default=None):
+    if not path.is_file():
+        return default
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ReportError(f"{path}: unreadable JSON ({e})") from None
+
+
+def per_reproduction(frame: pd.DataFrame, folds: int | None = None
+                     ) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """One value per (mode, reproduction) from test_metrics.csv rows.
+
+    test_metrics.csv holds, per reproduction, one "separated" row per fold model (fold = 0..3)
+    and one "concatenated" row (fold = -1). Separated = mean over the fold rows. Only complete
+    reproductions (every fold and the concatenated row present) count; a resumed run may hold a
+    duplicated row, of which the last is kept.
+    """
+    needed = {"reproduction", "mode", "fold"}
+    if not needed <= set(frame.columns):
+        raise ReportError(f"test_metrics.csv lacks the columns {sorted(needed - set(frame))}")
+    metrics = [m for m in ALL_METRICS if m in frame.columns]
+    frame = frame.drop_duplicates(subset=["reproduction", "mode", "fold"], keep="last")
+    sep = frame[frame["mode"] == "separated"]
+    conc = frame[frame["mode"] == "concatenated"]
+    fold_counts = sep.groupby("reproduction")["fold"].nunique()
+    n_folds = folds or (int(fold_counts.max()) if len(fold_counts) else 0)
+    reps = sorted(set(frame["reproduction"]))
+    complete = [r for r in reps if fold_counts.get(r, 0) >= n_folds and
+                (conc["reproduction"] == r).any()]
+    notes = []
+    incomplete = [r for r in reps if r not in complete]
+    if incomplete:
+        notes.append(f"reproduction(s) {incomplete} incomplete (fewer than {n_folds} fold rows "
+                     f"or no concatenated row): left out")
+    sep = sep[sep["reproduction"].isin(complete)]
+    conc = conc[conc["reproduction"].isin(complete)]
+    parts = {"separated": sep.groupby("reproduction")[metrics].mean(),
+             "concatenated": conc.set_index("reproduction")[metrics]}
+    per_rep = pd.concat(parts, names=["mode", "reproduction"]).sort_index()
+    return per_rep, sep, notes
+
+
+def load_run(path: Path) -> Run:
+    path = Path(path)
+    config = _read_json(path / "config.json")
+    if config is None:
+        raise ReportError(f"{path} lacks config.json (not written by harness.run?)")
+    csv = path / "final" / "test_metrics.csv"
+    try:
+        frame = pd.read_csv(csv)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise ReportError(f"{csv}: unreadable ({e})") from None
+    folds = config.get("search", {}).get("folds")
+    per_rep, fold_rows, notes = per_reproduction(frame, folds)
+    if per_rep.empty:
+        raise ReportError(f"{csv} holds no complete reproduction yet")
+    prov = _read_json(path / "provenance.json", [])
+    run = Run(path=path, config=config, per_rep=per_rep, fold_rows=fold_rows,
+              untrained=_read_json(path / "final" / "untrained_metrics.json"),
+              search=_read_json(path / "search_summary.json"),
+              provenance=prov if isinstance(prov, list) else [prov], notes=notes)
+    if run.untrained is None:
+        run.notes.append("no final/untrained_metrics.json: no untrained row from this run")
+    return run
+
+
+def load_runs(paths: list[Path], strict: set[Path] | None = None) -> tuple[list[Run], list[str]]:
+    """Load every run; a run that cannot be read is an error when it was named explicitly
+    (`strict`), otherwise it is skipped with a warning."""
+    runs, notes = [], []
+    strict = strict or set()
+    for p in paths:
+        try:
+            runs.append(load_run(p))
+        except ReportError as e:
+            if p.resolve() in strict:
+                raise
+            notes.append(f"skipped {p}: {e}")
+    if not runs:
+        raise ReportError("no run folders found: none of the folders found could be read "
+                          "(" + "; ".join(notes) + ")")
+    _assign_labels(runs)
+    return runs, notes
+
+
+def _slugify(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "run"
+
+
+def _assign_labels(runs: list[Run]) -> None:
+    """Method label = study name (+ [profile]), disambiguated by the folder when a data set has
+    two runs of one study; slug = a unique file-name stem."""
+    by_key: dict[tuple[str, str], list[Run]] = {}
+    for r in runs:
+        name = f"{r.study} [{r.profile}]" if r.profile else r.study
+        by_key.setdefault((r.dataset, name), []).append(r)
+    for (_, name), group in by_key.items():
+        for r in group:
+            r.label = name if len(group) == 1 else f"{name} ({_short_path(r.path)})"
+    used: set[str] = set()
+    for r in runs:
+        base = _slugify(f"{r.dataset}_{r.label}")
+        slug, i = base, 2
+        while slug in used:
+            slug, i = f"{base}_{i}", i + 1
+        used.add(slug)
+        r.slug = slug
+
+
+def _short_path(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(RESULTS_DIR.resolve()))
+    except ValueError:
+        return str(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------
+def _col(mode: str, metric: str, stat: str) -> str:
+    return f"{mode}_{metric}_{stat}"
+
+
+def _mean_std(values: np.ndarray) -> tuple[float, float]:
+    if len(values) == 0:
+        return math.nan, math.nan
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+    return float(np.mean(values)), std
+
+
+def dataset_table(runs: list[Run], dataset: str) -> pd.DataFrame:
+    """The numeric table of one data set (fractions): method rows, untrained rows, paper rows.
+
+    Columns: group (harness | untrained | PAPER_LABEL), method, study, loss, run_dir,
+    reproductions, trials (counted), trials_complete, trials_budget, max_iterations_per_fold,
+    mean_best_iteration, then per mode and metric `<mode>_<metric>_mean`, `_std`, `_best`, and
+    source / protocol for the paper rows.
+    """
+    runs = [r for r in runs if r.dataset == dataset]
+    rows = []
+    for r in runs:
+        row = {"dataset": dataset, "group": "harness", "method": r.label, "study": r.study,
+               "loss": r.loss, "run_dir": str(r.path), "reproductions": r.reproductions,
+               "trials": r.trials_counted, "trials_complete": r.trials_complete,
+               "trials_budget": r.config.get("search", {}).get("trials"),
+               "max_iterations_per_fold": r.max_iterations,
+               "mean_best_iteration": r.mean_best_iteration}
+        for mode in MODES:
+            for metric in ALL_METRICS:
+                row[_col(mode, metric, "mean")], row[_col(mode, metric, "std")] = _mean_std(
+                    r.values(mode, metric))
+        rows.append(row)
+    rows += _untrained_rows(runs, dataset)
+    for paper in paper_results(dataset, {r.loss for r in runs}):
+        row = {"dataset": dataset, "group": PAPER_LABEL, "method": paper.method,
+               "loss": ", ".join(paper.losses), "source": paper.source,
+               "protocol": paper.protocol}
+        for metric, value in paper.metrics.items():
+            # Published single-model numbers; MLRC sets them beside its concatenated model.
+            row[_col("concatenated", metric, "mean")] = value / 100.0
+            if metric in paper.std:
+                row[_col("concatenated", metric, "std")] = paper.std[metric] / 100.0
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    for mode in MODES:
+        for metric in ALL_METRICS:
+            for stat in ("mean", "std"):
+                if _col(mode, metric, stat) not in table:
+                    table[_col(mode, metric, stat)] = math.nan
+            means = table[_col(mode, metric, "mean")].astype(float)
+            method_means = means[table["group"] == "harness"]
+            # Marked only when there is something to compare (two methods with a value).
+            best = method_means.max() if method_means.notna().sum() >= 2 else math.nan
+            table[_col(mode, metric, "best")] = ((table["group"] == "harness") & (means == best))
+    for c in ("source", "protocol"):
+        if c not in table:
+            table[c] = ""
+    meta = ["dataset", "group", "method", "study", "loss", "run_dir", "reproductions", "trials",
+            "trials_complete", "trials_budget", "max_iterations_per_fold", "mean_best_iteration"]
+    for c in meta:
+        if c not in table:
+            table[c] = math.nan
+    values = [_col(mode, metric, stat) for mode in MODES for metric in ALL_METRICS
+              for stat in ("mean", "std", "best")]
+    return table[meta + values + ["source", "protocol"]]
+
+
+def _untrained_rows(runs: list[Run], dataset: str) -> list[dict]:
+    """One row per distinct untrained result (runs of one model architecture and seed share it)."""
+    groups: dict[tuple, list[Run]] = {}
+    for r in runs:
+        if r.untrained:
+            key = tuple(f"{float(r.untrained.get(m, math.nan)):.10g}" for m in ALL_METRICS)
+            groups.setdefault(key, []).append(r)
+    rows = []
+    for members in groups.values():
+        u = members[0].untrained
+        name = "untrained" if len(groups) == 1 else \
+            f"untrained ({', '.join(m.label for m in members)})"
+        row = {"dataset": dataset, "group": "untrained", "method": name,
+               "study": ", ".join(m.study for m in members),
+               "run_dir": ", ".join(str(m.path) for m in members)}
+        for mode in MODES:  # one model: 4 copies of it concatenated rank the same way
+            for metric in ALL_METRICS:
+                row[_col(mode, metric, "mean")] = float(u[metric]) if metric in u else math.nan
+        rows.append(row)
+    return rows
+
+
+def _fmt_value(mean, std, pct: bool = True, pm: str = " ± ") -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "–"
+    scale = 100.0 if pct else 1.0
+    text = f"{scale * mean:.2f}"
+    if std is not None and not (isinstance(std, float) and math.isnan(std)):
+        text += f"{pm}{scale * std:.2f}"
+    return text
+
+
+def _fmt_int(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return str(int(value))
+
+
+HEADER = (["Method", "Loss", "Reps", "Trials", "Iters/fold"] +
+          [f"{LABELS[m]} ({MODE_LABELS[mode]})" for mode in MODES for m in TABLE_METRICS])
+
+
+def _display_rows(table: pd.DataFrame, bold, pm: str, escape) -> list[list[str] | str]:
+    """Cells of the printed table, with the markers "UNTRAINED" (before the first untrained
+    row) and "SEPARATOR" (before the first paper row)."""
+    out: list[list[str] | str] = []
+    marked: set[str] = set()
+    for _, row in table.iterrows():
+        group = row["group"]
+        for marker, g in (("UNTRAINED", "untrained"), ("SEPARATOR", PAPER_LABEL)):
+            if group == g and marker not in marked:
+                out.append(marker)
+                marked.add(marker)
+        loss = row.get("loss")
+        cells = [escape(str(row["method"])), escape(loss if isinstance(loss, str) else ""),
+                 _fmt_int(row.get("reproductions")) if group != PAPER_LABEL else "–",
+                 _fmt_int(row.get("trials")), _fmt_int(row.get("max_iterations_per_fold"))]
+        for mode in MODES:
+            for metric in TABLE_METRICS:
+                text = _fmt_value(row[_col(mode, metric, "mean")], row[_col(mode, metric, "std")],
+                                  pm=pm)
+                cells.append(bold(text) if bool(row[_col(mode, metric, "best")]) else text)
+        out.append(cells)
+    return out
+
+
+def table_markdown(table: pd.DataFrame, dataset: str) -> str:
+    lines = [f"### {dataset}", "",
+             "Test metrics in %, mean ± std over reproductions (MLRC protocol). "
+             "sep. = each fold model alone, averaged over the folds per reproduction; "
+             "concat. = the fold models' embeddings joined. Best harness value per column in "
+             "bold. Reps = complete reproductions; Trials = search trials completed or pruned; "
+             "Iters/fold = maximum training iterations per fold.", "",
+             "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    for cells in _display_rows(table, lambda s: f"**{s}**", " ± ", _md_escape):
+        if cells == "SEPARATOR":
+            lines.append(f"| ***{PAPER_LABEL}*** |" + " |" * (len(HEADER) - 1))
+        elif cells != "UNTRAINED":
+            lines.append("| " + " | ".join(cells) + " |")
+    papers = table[table["group"] == PAPER_LABEL]
+    if len(papers):
+        lines += ["", f"Rows under *{PAPER_LABEL}*: published numbers (R@1 = P@1), each under "
+                      f"its authors' own protocol, shown under the concatenated columns as MLRC "
+                      f"does; they cannot be compared with the rows above."]
+        for _, row in papers.iterrows():
+            lines.append(f"- {row['method']}: {row['source']}; {row['protocol']}.")
+    return "\n".join(lines) + "\n"
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("_", "\\_")
+
+
+_TEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+                "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
+                "^": r"\textasciicircum{}", "±": r"$\pm$", "–": "--", "≥": r"$\geq$"}
+
+
+def _tex_escape(text: str) -> str:
+    return "".join(_TEX_ESCAPES.get(c, c) for c in text)
+
+
+def table_latex(table: pd.DataFrame, dataset: str) -> str:
+    """A booktabs tabular (written by hand: pandas' to_latex needs jinja2)."""
+    n = len(HEADER)
+    head = [_tex_escape(h) for h in HEADER]
+    lines = [f"% {dataset}: test metrics in %, mean $\\pm$ std over reproductions; needs "
+             f"\\usepackage{{booktabs}}",
+             r"\begin{tabular}{ll" + "r" * (n - 2) + "}", r"\toprule",
+             " & ".join(head) + r" \\", r"\midrule"]
+    for cells in _display_rows(table, lambda s: f"\\textbf{{{s}}}", r" $\pm$ ", _tex_escape):
+        if cells == "UNTRAINED":
+            lines.append(r"\midrule")
+        elif cells == "SEPARATOR":
+            lines += [r"\midrule",
+                      rf"\multicolumn{{{n}}}{{l}}{{\textit{{{_tex_escape(PAPER_LABEL)}}}}} \\",
+                      r"\midrule"]
+        else:
+            lines.append(" & ".join("--" if c == "–" else c for c in cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Significance
+# --------------------------------------------------------------------------------------------
+def holm(pvalues) -> np.ndarray:
+    """Holm-Bonferroni adjusted p-values; NaN entries stay NaN and do not count in the family."""
+    p = np.asarray(pvalues, dtype=float)
+    adjusted = np.full_like(p, np.nan)
+    valid = np.flatnonzero(~np.isnan(p))
+    m = len(valid)
+    if m == 0:
+        return adjusted
+    order = valid[np.argsort(p[valid], kind="stable")]
+    running = 0.0
+    for i, idx in enumerate(order):
+        running = max(running, min(1.0, (m - i) * p[idx]))
+        adjusted[idx] = running
+    return adjusted
+
+
+def welch(a, b) -> tuple[float, float]:
+    from scipy import stats
+
+    result = stats.ttest_ind(np.asarray(a, float), np.asarray(b, float), equal_var=False)
+    return float(result.statistic), float(result.pvalue)
+
+
+def significance(runs: list[Run]) -> pd.DataFrame:
+    rows = []
+    datasets = sorted({r.dataset for r in runs})
+    for dataset in datasets:
+        group = [r for r in runs if r.dataset == dataset]
+        for mode in ("concatenated", "separated"):
+            for metric in SIGNIFICANCE_METRICS:
+                family = []
+                for a, b in itertools.combinations(group, 2):
+                    va, vb = a.values(mode, metric), b.values(mode, metric)
+                    row = {"dataset": dataset, "mode": mode, "metric": metric,
+                           "method_a": a.label, "method_b": b.label, "n_a": len(va),
+                           "n_b": len(vb), "mean_a": _mean_std(va)[0],
+                           "mean_b": _mean_std(vb)[0], "t": math.nan, "p": math.nan,
+                           "note": ""}
+                    row["diff"] = row["mean_a"] - row["mean_b"]
+                    if len(va) < 2 or len(vb) < 2:
+                        row["note"] = NEEDS_TWO
+                    else:
+                        with warnings.catch_warnings():
+                            warnings.simplefilter("ignore", RuntimeWarning)
+                            row["t"], row["p"] = welch(va, vb)
+                        if math.isnan(row["p"]):
+                            row["note"] = "n/a (no variance in either method)"
+                    family.append(row)
+                adjusted = holm([r["p"] for r in family])
+                for row, p_holm in zip(family, adjusted):
+                    row["p_holm"] = float(p_holm)
+                    row["significant"] = bool(p_holm < ALPHA) if not math.isnan(p_holm) else None
+                    row["family_size"] = int(np.sum(~np.isnan(adjusted)))
+                rows += family
+    columns = ["dataset", "mode", "metric", "method_a", "method_b", "n_a", "n_b", "mean_a",
+               "mean_b", "diff", "t", "p", "p_holm", "family_size", "significant", "note"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def significance_markdown(frame: pd.DataFrame, runs: list[Run]) -> str:
+    lines = ["# Significance of the differences between methods", "",
+             f"Test: {TEST_DESCRIPTION}", "",
+             "With few reproductions these tests have little power: a non-significant "
+             "difference is not evidence of equality. Pairs where a method has fewer than 2 "
+             f"complete reproductions are reported as \"{NEEDS_TWO}\".", ""]
+    for dataset in sorted({r.dataset for r in runs}):
+        lines.append(f"## {dataset}")
+        lines.append("")
+        sub = frame[frame["dataset"] == dataset]
+        if sub.empty:
+            lines += ["Only one method on this data set: nothing to compare.", ""]
+            continue
+        lines += ["| mode | metric | A | B | n A | n B | mean A (%) | mean B (%) | A − B (%) | "
+                  "t | p | p (Holm) | significant |", "|" + "---|" * 13]
+        for _, r in sub.iterrows():
+            if r["note"]:
+                t = p = ph = "–"
+                sig = r["note"]
+            else:
+                t, p, ph = f"{r['t']:.3f}", f"{r['p']:.4g}", f"{r['p_holm']:.4g}"
+                sig = "yes" if r["significant"] else "no"
+            lines.append("| " + " | ".join([
+                r["mode"], LABELS[r["metric"]], _md_escape(r["method_a"]),
+                _md_escape(r["method_b"]), str(r["n_a"]), str(r["n_b"]),
+                _fmt_value(r["mean_a"], None), _fmt_value(r["mean_b"], None),
+                _fmt_value(r["diff"], None), t, p, ph, sig]) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------------------------
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, stem: Path) -> list[Path]:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
+    fig.savefig(paths[0], dpi=150, bbox_inches="tight")
+    fig.savefig(paths[1], bbox_inches="tight")
+    _pyplot().close(fig)
+    return paths
+
+
+def plot_bars(table: pd.DataFrame, dataset: str, stem: Path) -> list[Path]:
+    """MAP@R and P@1 (%) per method, separated and concatenated, with ± std error bars."""
+    plt = _pyplot()
+    methods = table[table["group"] == "harness"]
+    untrained = table[table["group"] == "untrained"]
+    fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 1.3 * len(methods) + 4), 4.2))
+    x = np.arange(len(methods))
+    width = 0.38
+    for ax, metric in zip(axes, ("map_at_r", "precision_at_1")):
+        for i, mode in enumerate(MODES):
+            means = 100 * methods[_col(mode, metric, "mean")].astype(float).to_numpy()
+            stds = 100 * methods[_col(mode, metric, "std")].astype(float).fillna(0).to_numpy()
+            ax.bar(x + (i - 0.5) * width, means, width, yerr=stds, capsize=3, label=mode)
+        for j, (_, u) in enumerate(untrained.iterrows()):
+            ax.axhline(100 * float(u[_col("separated", metric, "mean")]), color="grey",
+                       linestyle="--", linewidth=1,
+                       label="untrained" if j == 0 else None)
+        ax.set_xticks(x, methods["method"].tolist(), rotation=30, ha="right")
+        ax.set_ylabel(f"{LABELS[metric]} (%)")
+        ax.set_title(f"{dataset}: test {LABELS[metric]}")
+        ax.legend(fontsize=8)
+    fig.suptitle("mean ± std over reproductions", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, stem)
+
+
+def plot_training_curves(run: Run, stem: Path) -> list[Path]:
+    """Validation MAP@R vs iteration of every final training fold, one panel per fold."""
+    histories: dict[int, dict[int, list[dict]]] = {}
+    for path in sorted((run.path / "final").glob("rep_*/fold_*/history.json")):
+        try:
+            rep = int(path.parent.parent.name.split("_")[1])
+            fold = int(path.parent.name.split("_")[1])
+            history = json.loads(path.read_text())
+        except (ValueError, IndexError, OSError, json.JSONDecodeError):
+            continue
+        if history:
+            histories.setdefault(fold, {})[rep] = history
+    if not histories:
+        raise ReportError("no final/rep_*/fold_*/history.json")
+    plt = _pyplot()
+    folds = sorted(histories)
+    fig, axes = plt.subplots(1, len(folds), figsize=(3.2 * len(folds), 3.0), sharey=True,
+                             squeeze=False)
+    for ax, fold in zip(axes[0], folds):
+        for rep, history in sorted(histories[fold].items()):
+            its = [h.get("iteration", h.get("epoch")) for h in history]
+            ax.plot(its, [100 * h["map_at_r"] for h in history], marker=".", label=f"rep {rep}")
+        ax.set_title(f"fold {fold}")
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("validation MAP@R (%)")
+    if sum(len(h) for h in histories.values()) <= 12:
+        axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"{run.label} ({run.dataset}): final training, validation MAP@R", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, stem)
+
+
+def load_optuna_study(run: Run):
+    """The run's Optuna study from its study.db (read from the run folder only)."""
+    db = run.path / "study.db"
+    if not db.is_file():
+        storages = {p.get("storage") for p in run.provenance if isinstance(p, dict)}
+        storages.discard(None)
+        hint = f" (it was stored at {', '.join(sorted(storages))})" if storages else ""
+        raise ReportError(f"no study.db in the run folder{hint}")
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    name = (run.search or {}).get("study") or run.study
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{db.resolve()}")
+
+
+def plot_optuna(run: Run, out_dir: Path) -> tuple[dict[str, list[Path]], list[str]]:
+    """Optimisation history and parameter importances; failures become notes."""
+    files: dict[str, list[Path]] = {}
+    notes: list[str] = []
+    try:
+        study = load_optuna_study(run)
+    except Exception as e:  # a missing/locked/foreign database must not stop the report
+        return files, [f"{run.label}: Optuna plots skipped: {e}"]
+    import optuna
+    from optuna.trial import TrialState
+    from optuna.visualization import matplotlib as ovm
+
+    plt = _pyplot()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ax = ovm.plot_optimization_history(study)
+            ax.set_title(f"{run.label}: optimisation history (validation MAP@R)")
+            files["optimisation history"] = _save(ax.figure, out_dir /
+                                                  f"optuna_history_{run.slug}")
+        except Exception as e:
+            plt.close("all")
+            notes.append(f"{run.label}: optimisation history failed: {e}")
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if len(complete) < 2:
+            notes.append(f"{run.label}: parameter importances need ≥2 complete trials "
+                         f"(the study has {len(complete)})")
+        else:
+            try:
+                evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+                ax = ovm.plot_param_importances(study, evaluator=evaluator)
+                ax.set_title(f"{run.label}: parameter importances (fANOVA)", loc="left")
+                files["parameter importances"] = _save(ax.figure, out_dir /
+                                                       f"optuna_importances_{run.slug}")
+            except Exception as e:
+                plt.close("all")
+                notes.append(f"{run.label}: parameter importances failed: "
+                             f"{type(e).__name__}: {e}")
+    return files, notes
+
+
+# --------------------------------------------------------------------------------------------
+# Index and provenance
+# --------------------------------------------------------------------------------------------
+def _commits(run: Run) -> str:
+    seen = []
+    for p in run.provenance:
+        git = p.get("git", {}) if isinstance(p, dict) else {}
+        text = str(git.get("commit", "unknown"))[:12] + ("+dirty" if git.get("dirty") else "")
+        if text not in seen:
+            seen.append(text)
+    return ", ".join(seen) or "unknown"
+
+
+def _hardware(run: Run) -> str:
+    seen = []
+    for p in run.provenance:
+        hw = p.get("hardware", {}) if isinstance(p, dict) else {}
+        if not hw:
+            continue
+        device = hw.get("device_name") or hw.get("device") or ""
+        text = f"{device} ({hw.get('cpu_count', '?')} CPUs, {hw.get('platform', '?')})".strip()
+        if text not in seen:
+            seen.append(text)
+    return "; ".join(seen) or "unknown"
+
+
+def _times(run: Run) -> str:
+    times = sorted(str(p.get("time_utc")) for p in run.provenance
+                   if isinstance(p, dict) and p.get("time_utc"))
+    if not times:
+        return "unknown"
+    return times[0] if len(times) == 1 else f"{times[0]} … {times[-1]} ({len(times)} invocations)"
+
+
+def _report_commit() -> str:
+    """The harness's own commit (as harness.provenance records it, without importing torch)."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (commit[:12] or "unknown") + ("+dirty" if dirty else "")
+
+
+@dataclass
+class Report:
+    out: Path
+    runs: list[Run]
+    tables: dict[str, pd.DataFrame]
+    significance: pd.DataFrame
+    files: list[tuple[Path, str]]
+    notes: list[str]
+
+
+def build_report(run_dirs: list[str | Path] | None = None, out: str | Path | None = None,
+                 results_dir: Path = RESULTS_DIR, command: str | None = None,
+                 plots: bool = True) -> Report:
+    out = Path(out) if out is not None else results_dir / "report"
+    found, notes = find_run_dirs(run_dirs, results_dir=results_dir, exclude=out)
+    strict = {Path(p).resolve() for p in (run_dirs or []) if _is_run(Path(p))}
+    runs, load_notes = load_runs(found, strict=strict)
+    notes += load_notes
+    for r in runs:
+        notes += [f"{r.label} ({r.path}): {n}" for n in r.notes]
+    out.mkdir(parents=True, exist_ok=True)
+    _remove_previous_output(out)
+    files: list[tuple[Path, str]] = []
+    tables: dict[str, pd.DataFrame] = {}
+    datasets = sorted({r.dataset for r in runs})
+    markdown_tables = []
+    for dataset in datasets:
+        table = dataset_table(runs, dataset)
+        tables[dataset] = table
+        stem = out / f"table_{_slugify(dataset)}"
+        table.to_csv(stem.with_suffix(".csv"), index=False)
+        md = table_markdown(table, dataset)
+        markdown_tables.append(md)
+        stem.with_suffix(".md").write_text(md)
+        stem.with_suffix(".tex").write_text(table_latex(table, dataset))
+        files += [(stem.with_suffix(".md"), f"{dataset}: results table (markdown)"),
+                  (stem.with_suffix(".csv"), f"{dataset}: results table with R@1/2/4/8, raw "
+                                             f"fractions and best flags (CSV)"),
+                  (stem.with_suffix(".tex"), f"{dataset}: results table (LaTeX, booktabs)")]
+    sig = significance(runs)
+    sig.to_csv(out / "significance.csv", index=False)
+    (out / "significance.md").write_text(significance_markdown(sig, runs))
+    files += [(out / "significance.md", "Welch's t-tests between methods, Holm-corrected"),
+              (out / "significance.csv", "the same, as CSV")]
+    if plots:
+        plot_dir = out / "plots"
+        for dataset in datasets:
+            if (tables[dataset]["group"] == "harness").any():
+                for p in plot_bars(tables[dataset], dataset,
+                                   plot_dir / f"bars_{_slugify(dataset)}"):
+                    files.append((p, f"{dataset}: MAP@R and P@1 per method, ± std"))
+        for r in runs:
+            try:
+                for p in plot_training_curves(r, plot_dir / f"curves_{r.slug}"):
+                    files.append((p, f"{r.label} ({r.dataset}): validation MAP@R vs iteration "
+                                     f"per final fold"))
+            except ReportError as e:
+                notes.append(f"{r.label}: training curves skipped: {e}")
+            optuna_files, optuna_notes = plot_optuna(r, plot_dir)
+            notes += optuna_notes
+            for what, paths in optuna_files.items():
+                files += [(p, f"{r.label} ({r.dataset}): Optuna {what}") for p in paths]
+    index = out / "README.md"
+    files.insert(0, (index, "this index"))
+    command = command or " ".join([Path(sys.executable).name, "-m", "harness.report",
+                                   *sys.argv[1:]])
+    index.write_text(_index_markdown(out, runs, files, notes, markdown_tables, command))
+    return Report(out=out, runs=runs, tables=tables, significance=sig, files=files, notes=notes)
+
+
+OUTPUT_PATTERNS = ("README.md", "significance.md", "significance.csv", "table_*.md",
+                   "table_*.csv", "table_*.tex", "plots/bars_*.p[nd][gf]",
+                   "plots/curves_*.p[nd][gf]", "plots/optuna_*.p[nd][gf]")
+
+
+def _remove_previous_output(out: Path) -> None:
+    """Delete what an earlier report wrote to `out` (only files named like this module's
+    output), so that no table or plot of a run no longer reported is left behind."""
+    for pattern in OUTPUT_PATTERNS:
+        for path in out.glob(pattern):
+            if path.is_file():
+                path.unlink()
+
+
+def _index_markdown(out: Path, runs: list[Run], files, notes, markdown_tables,
+                    command: str) -> str:
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    lines = ["# Benchmark report", "",
+             f"- generated: {now}",
+             f"- command: `{command}`",
+             f"- harness commit: {_report_commit()}",
+             f"- run folders: {len(runs)}; data sets: "
+             f"{', '.join(sorted({r.dataset for r in runs}))}", "",
+             "Numbers are test metrics under the MLRC protocol (mean ± std over reproductions). "
+             "Glyph runs (quickstart, the embedded profile) are smoke tests of the protocol, "
+             "not comparable with real-data results. Published numbers appear only for the real "
+             f"data sets ({', '.join(REAL_DATASETS)}), labelled *{PAPER_LABEL}*.", "",
+             "## Files", "", "| file | content |", "|---|---|"]
+    for path, what in files:
+        lines.append(f"| [{path.relative_to(out)}]({path.relative_to(out)}) | {what} |")
+    lines += ["", "## Source runs", "",
+              "| method | data set | loss | folder | reproductions | trials | git commit(s) | "
+              "hardware | invoked (UTC) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        lines.append("| " + " | ".join([
+            _md_escape(r.label), r.dataset, _md_escape(r.loss), f"`{r.path}`",
+            str(r.reproductions), _fmt_int(r.trials_counted), _commits(r), _hardware(r),
+            _times(r)]) + " |")
+    lines += ["", "## Tables", ""] + markdown_tables
+    lines += ["", "Significance tests: see [significance.md](significance.md).", ""]
+    if notes:
+        lines += ["## Notes and warnings", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m harness.report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dirs", nargs="*", metavar="RUN_DIR",
+                   help="run folders (or folders to scan); default: every run folder under "
+                        f"{RESULTS_DIR}")
+    p.add_argument("--out", help=f"output folder (default {DEFAULT_OUT})")
+    p.add_argument("--no-plots", action="store_true", help="tables and tests only")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        report = build_report(args.run_dirs or None, args.out or DEFAULT_OUT,
+                              plots=not args.no_plots)
+    except HarnessError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for note in report.notes:
+        print(f"warning: {note}", file=sys.stderr)
+    print(f"report of {len(report.runs)} run(s) written to {report.out} "
+          f"(index: {report.out / 'README.md'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
