@@ -37,7 +37,9 @@ class DataConfig:
     resize: int = 256  # MLRC: Resize 256 ...
     crop: int = 227  # ... then (Random|Center)Crop 227
     scale_min: float = 0.16  # RandomResizedCrop scale (0.16, 1)
-    num_workers: int = 4  # data-loader worker processes (0 = load in the main process)
+    num_workers: int = -1  # loader worker processes; -1 = CPU cores - 1 (max 8); 0 = none
+    cache: bool = True  # decode + Resize(resize) every image once into a uint8 memmap cache
+    cache_dir: str = ""  # "" = $HARNESS_CACHE/images or ~/.cache/harness/images
     glyph_classes: int = 256  # embedded glyph data only: number of classes rendered
     glyph_per_class: int = 32  # embedded glyph data only: images per class
 

@@ -10,11 +10,12 @@ import numpy as np
 import torch
 
 from harness.config import StudyConfig
-from harness.datasets import DatasetSpec, ImageDataset, Records, get_dataset, load_records
+from harness.datasets import DatasetSpec, Records, get_dataset, load_records
 from harness.errors import ConfigError
 from harness.sampler import SeededMPerClassSampler
 from harness.splits import Fold, Split, make_split, query_gallery_indices, sample_indices
-from harness.transforms import build_transforms
+from harness.image_cache import ResizedImages, build_or_open, resize_image
+from harness.transforms import BatchNormalize, UInt8Crop
 
 
 @dataclass
@@ -22,6 +23,33 @@ class PreparedData:
     spec: DatasetSpec
     records: Records
     split: Split
+    resized: ResizedImages | None = None  # decode-once cache (data.cache), else None
+
+
+class UInt8Images(torch.utils.data.Dataset):
+    """Images `indices` as uint8 (3, crop, crop) tensors, with int labels.
+
+    The resized image comes from the decode-once cache when there is one, else it is decoded
+    and resized on every access (data.cache=false: the slow path, same pixels). The crop runs
+    here (in the loader workers); flip and normalisation run on the device (BatchNormalize)."""
+
+    def __init__(self, records: Records, indices: np.ndarray, crop: UInt8Crop,
+                 resized: ResizedImages | None, resize: int):
+        self.records, self.resized, self.resize, self.crop = records, resized, resize, crop
+        self.indices = np.asarray(indices, dtype=np.int64)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.records.labels[self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, j: int) -> tuple[torch.Tensor, int]:
+        i = int(self.indices[j])
+        image = self.resized[i] if self.resized is not None else \
+            resize_image(self.records.load_image(i), self.resize)
+        return self.crop(image), int(self.records.labels[i])
 
 
 def resolve_data_root(cfg: StudyConfig) -> Path:
@@ -50,7 +78,10 @@ def prepare_data(cfg: StudyConfig) -> PreparedData:
     records = load_records(cfg.data.dataset, resolve_data_root(cfg),
                            check_counts=cfg.data.check_counts, **options)
     split = make_split(records, spec.split_kind)
-    return PreparedData(spec=spec, records=records, split=split)
+    resized = None
+    if cfg.data.cache or records.images is not None:  # in-memory data: resizing is free
+        resized = build_or_open(records, cfg.data.resize, cfg.data.cache_dir or None)
+    return PreparedData(spec=spec, records=records, split=split, resized=resized)
 
 
 def dataset_defaults(cfg: StudyConfig, spec: DatasetSpec) -> tuple[int, int]:
@@ -67,17 +98,36 @@ def fold_indices(data: PreparedData, fold: Fold) -> tuple[np.ndarray, np.ndarray
             sample_indices(data.records, fold.val_classes, partition))
 
 
+def loader_workers(cfg: StudyConfig) -> int:
+    """data.num_workers, or with -1 (default) one per CPU core but one, at most 8: cropping
+    cached uint8 images costs a worker well under a millisecond per image."""
+    if cfg.data.num_workers >= 0:
+        return cfg.data.num_workers
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
 def _loader_kwargs(cfg: StudyConfig, device: torch.device) -> dict:
-    workers = cfg.data.num_workers
+    workers = loader_workers(cfg)
     return dict(num_workers=workers, pin_memory=device.type == "cuda",
                 persistent_workers=workers > 0)
 
 
+def _dataset(cfg: StudyConfig, data: PreparedData, indices: np.ndarray,
+             train: bool) -> UInt8Images:
+    crop = UInt8Crop(cfg.data.crop, train=train, scale=(cfg.data.scale_min, 1.0))
+    return UInt8Images(data.records, indices, crop, data.resized, cfg.data.resize)
+
+
+def batch_transform(cfg: StudyConfig, device: torch.device, train: bool) -> BatchNormalize:
+    """The device-side half of the input pipeline: flip (train), float, trunk normalisation."""
+    channels_last = device.type == "cuda" and cfg.train.channels_last
+    return BatchNormalize(cfg.model.trunk, train=train,
+                          channels_last=channels_last).to(device)
+
+
 def train_loader(cfg: StudyConfig, data: PreparedData, indices: np.ndarray, seed: int,
                  device: torch.device) -> tuple[torch.utils.data.DataLoader, SeededMPerClassSampler]:
-    transform = build_transforms(cfg.model.trunk, resize=cfg.data.resize, crop=cfg.data.crop,
-                                 train=True, scale=(cfg.data.scale_min, 1.0))
-    dataset = ImageDataset(data.records, indices, transform)
+    dataset = _dataset(cfg, data, indices, train=True)
     sampler = SeededMPerClassSampler(dataset.labels, cfg.train.m_per_class,
                                      cfg.train.batch_size,
                                      cfg.train.iters_per_epoch * cfg.train.batch_size, seed)
@@ -89,9 +139,7 @@ def train_loader(cfg: StudyConfig, data: PreparedData, indices: np.ndarray, seed
 
 def eval_loader(cfg: StudyConfig, data: PreparedData, indices: np.ndarray,
                 device: torch.device) -> torch.utils.data.DataLoader:
-    transform = build_transforms(cfg.model.trunk, resize=cfg.data.resize, crop=cfg.data.crop,
-                                 train=False)
-    dataset = ImageDataset(data.records, indices, transform)
+    dataset = _dataset(cfg, data, indices, train=False)
     kwargs = _loader_kwargs(cfg, device)
     kwargs["persistent_workers"] = False  # evaluation loaders are short-lived
     return torch.utils.data.DataLoader(dataset, batch_size=cfg.train.eval_batch_size,
@@ -111,5 +159,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-__all__ = ["PreparedData", "prepare_data", "fold_indices", "train_loader", "eval_loader",
-           "dataset_defaults", "resolve_device", "resolve_data_root", "query_gallery_indices"]
+__all__ = ["PreparedData", "UInt8Images", "batch_transform", "loader_workers", "prepare_data",
+           "fold_indices", "train_loader", "eval_loader", "dataset_defaults", "resolve_device",
+           "resolve_data_root", "query_gallery_indices"]

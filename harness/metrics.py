@@ -121,11 +121,13 @@ def retrieval_metrics(query: torch.Tensor, query_labels, reference: torch.Tensor
 
 @torch.no_grad()
 def compute_embeddings(model: torch.nn.Module, loader, device, amp: bool = False,
-                       desc: str = "embed") -> tuple[torch.Tensor, torch.Tensor]:
+                       desc: str = "embed", batch_transform=None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Embed every batch of `loader` with `model` in eval mode.
 
     `loader` yields (images, labels, ...) batches. Returns float32 CPU embeddings (N, D) and int64
-    CPU labels (N), in loader order. `amp` = bfloat16 autocast (CUDA only; ignored on CPU, where
+    CPU labels (N), in loader order. `batch_transform`, when given, maps each batch on the device
+    before the model (the harness's loaders yield uint8 images; see harness/transforms.py). `amp` = bfloat16 autocast (CUDA only; ignored on CPU, where
     the harness always runs float32). The model's train/eval mode is restored afterwards. The
     progress bar is hidden when stderr is not a terminal or HARNESS_NO_PROGRESS=1.
     """
@@ -138,6 +140,8 @@ def compute_embeddings(model: torch.nn.Module, loader, device, amp: bool = False
         for batch in _with_progress(loader, desc):
             images, batch_labels = batch[0], batch[1]
             images = images.to(device, non_blocking=True)
+            if batch_transform is not None:
+                images = batch_transform(images)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
                 out = model(images)
             embeddings.append(out.float().cpu())

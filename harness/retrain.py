@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from harness.config import StudyConfig
-from harness.data import PreparedData, eval_loader, query_gallery_indices
+from harness.data import PreparedData, batch_transform, eval_loader, query_gallery_indices
 from harness.metrics import compute_embeddings, retrieval_metrics
 from harness.progress import bar
 from harness.search import hash_seed
@@ -37,7 +37,8 @@ def embed_test_set(cfg: StudyConfig, model, data: PreparedData, device) -> dict[
             continue
         emb, labels = compute_embeddings(model, eval_loader(cfg, data, idx, device), device,
                                          amp=cfg.train.amp and device.type == "cuda",
-                                         desc=f"embed test {name}")
+                                         desc=f"embed test {name}",
+                                         batch_transform=batch_transform(cfg, device, False))
         out[f"{name}_emb"], out[f"{name}_labels"] = emb.numpy(), labels.numpy()
     return out
 

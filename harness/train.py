@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from harness.config import StudyConfig
-from harness.data import PreparedData, dataset_defaults, eval_loader, fold_indices, train_loader
+from harness.data import (PreparedData, batch_transform, dataset_defaults, eval_loader,
+                          fold_indices, train_loader)
 from harness.metrics import compute_embeddings, retrieval_metrics
 from harness.models import build_model
 from harness.progress import bar
@@ -99,7 +100,8 @@ def validate(cfg: StudyConfig, model, data: PreparedData, indices: np.ndarray,
     """MAP@R etc. on the fold's validation classes (self-retrieval)."""
     loader = eval_loader(cfg, data, indices, device)
     emb, labels = compute_embeddings(model, loader, device, amp=_amp_enabled(cfg, device),
-                                     desc="validate")
+                                     desc="validate",
+                                     batch_transform=batch_transform(cfg, device, train=False))
     return retrieval_metrics(emb, labels, device=device)
 
 
@@ -122,6 +124,7 @@ def train_fold(cfg: StudyConfig, data: PreparedData, fold: Fold, device: torch.d
     seed_everything(seed, 0)
     model, loss_fn, model_opt, loss_opt = build_fold_modules(cfg, len(classes), device)
     loader, sampler = train_loader(cfg, data, train_idx, seed, device)
+    to_input = batch_transform(cfg, device, train=True)  # flip + normalise on the device
     val_every, patience = dataset_defaults(cfg, data.spec)
     t = cfg.train
     amp = _amp_enabled(cfg, device)
@@ -154,9 +157,7 @@ def train_fold(cfg: StudyConfig, data: PreparedData, fold: Fold, device: torch.d
         loss_fn.train()
         diverged = False
         for images, labels in loader:
-            images = images.to(device, non_blocking=True)
-            if device.type == "cuda" and t.channels_last:
-                images = images.to(memory_format=torch.channels_last)
+            images = to_input(images.to(device, non_blocking=True))  # uint8 -> trunk input
             labels = torch.searchsorted(label_map, labels).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 embeddings = model(images)
