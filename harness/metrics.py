@@ -95,6 +95,11 @@ def retrieval_metrics(query: torch.Tensor, query_labels, reference: torch.Tensor
     device = _resolve_device(device)
     backend = _resolve_backend(backend, device)
 
+    # The torch backend works where the search runs: on a GPU, normalising, gathering and
+    # scoring there (O(N x D) memory) is what keeps the total close to the bare matmul + top-k.
+    work = device if backend == "torch" else torch.device("cpu")
+    query = query.to(work)
+    reference = query if self_retrieval else reference.to(work)
     if normalize:
         query = F.normalize(query, dim=1)
         reference = query if self_retrieval else F.normalize(reference, dim=1)
@@ -110,12 +115,17 @@ def retrieval_metrics(query: torch.Tensor, query_labels, reference: torch.Tensor
     self_positions = counted if self_retrieval else None
     search = _faiss_neighbours if backend == "faiss" else _torch_neighbours
     sums = _MetricSums(ks)
-    for start, neighbours in search(query[counted], reference, k, self_positions, chunk_size,
-                                    device):
-        rows = counted[start:start + len(neighbours)]
-        labels_here = reference_labels.to(neighbours.device)
-        hits = labels_here[neighbours] == query_labels[rows].to(neighbours.device)[:, None]
-        sums.add(hits, relevant[rows].to(neighbours.device))
+    labels_at: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+    for start, neighbours in search(query[counted.to(work)], reference, k, self_positions,
+                                    chunk_size, device):
+        at = neighbours.device
+        if at not in labels_at:  # moved once, not per chunk
+            labels_at[at] = (reference_labels.to(at), query_labels[counted].to(at),
+                             relevant[counted].to(at))
+        ref_labels, counted_labels, counted_relevant = labels_at[at]
+        rows = slice(start, start + len(neighbours))
+        hits = ref_labels[neighbours] == counted_labels[rows, None]
+        sums.add(hits, counted_relevant[rows])
     return sums.result()
 
 
@@ -174,12 +184,13 @@ def relevant_counts(query_labels: torch.Tensor, reference_labels: torch.Tensor,
 
 
 class _MetricSums:
-    """Running float64 sums of the per-query metrics over chunks."""
+    """Running float64 sums of the per-query metrics over chunks, kept where the hits are (no
+    host synchronisation per chunk) and read once at the end."""
 
     def __init__(self, ks: Sequence[int]):
         self.ks = ks
         self.count = 0
-        self.sums = {name: 0.0 for name in _metric_names(ks)}
+        self.sums: dict[str, torch.Tensor | float] = {name: 0.0 for name in _metric_names(ks)}
 
     def add(self, hits: torch.Tensor, relevant: torch.Tensor) -> None:
         """hits: (n, k) bool, neighbour j of query i has its label; relevant: (n,) R > 0."""
@@ -189,16 +200,17 @@ class _MetricSums:
         r = relevant.double()
         correct_so_far = torch.cumsum(hits_in_r, dim=1).double()
         precision_at_hits = correct_so_far / rank.double()[None, :] * hits_in_r
-        self.sums["precision_at_1"] += hits[:, 0].double().sum().item()
+        self.sums["precision_at_1"] += hits[:, 0].double().sum()
         for k_recall in self.ks:
             found = hits[:, :k_recall].any(dim=1)
-            self.sums[f"recall_at_{k_recall}"] += found.double().sum().item()
-        self.sums["r_precision"] += (hits_in_r.sum(dim=1).double() / r).sum().item()
-        self.sums["map_at_r"] += (precision_at_hits.sum(dim=1) / r).sum().item()
+            self.sums[f"recall_at_{k_recall}"] += found.double().sum()
+        self.sums["r_precision"] += (hits_in_r.sum(dim=1).double() / r).sum()
+        self.sums["map_at_r"] += (precision_at_hits.sum(dim=1) / r).sum()
         self.count += len(hits)
 
     def result(self) -> dict[str, float]:
-        out: dict[str, float] = {name: total / self.count for name, total in self.sums.items()}
+        out: dict[str, float] = {name: float(total) / self.count
+                                 for name, total in self.sums.items()}
         out["num_queries"] = self.count
         return out
 

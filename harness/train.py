@@ -115,6 +115,26 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def training_step(model, loss_fn, model_opt, loss_opt, images: torch.Tensor,
+                  labels: torch.Tensor, amp: bool, grad_clip: float = 0.0) -> torch.Tensor | None:
+    """One optimisation step; returns the loss, or None (and no step) when it is not finite."""
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
+        embeddings = model(images)
+    loss = loss_fn(embeddings.float(), labels)  # losses run in float32 for stability
+    if not torch.isfinite(loss):
+        return None
+    model_opt.zero_grad(set_to_none=True)
+    if loss_opt is not None:
+        loss_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_value_(model.parameters(), grad_clip)  # proxies never clipped
+    model_opt.step()
+    if loss_opt is not None:
+        loss_opt.step()
+    return loss
+
+
 def train_fold(cfg: StudyConfig, data: PreparedData, fold: Fold, device: torch.device,
                seed: int, run_dir: Path, report: ReportFn | None = None,
                desc: str = "") -> FoldResult:
@@ -159,21 +179,11 @@ def train_fold(cfg: StudyConfig, data: PreparedData, fold: Fold, device: torch.d
         for images, labels in loader:
             images = to_input(images.to(device, non_blocking=True))  # uint8 -> trunk input
             labels = torch.searchsorted(label_map, labels).to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                embeddings = model(images)
-            loss = loss_fn(embeddings.float(), labels)  # losses run in float32 for stability
-            if not torch.isfinite(loss):
+            loss = training_step(model, loss_fn, model_opt, loss_opt, images, labels, amp,
+                                 t.grad_clip)
+            if loss is None:
                 diverged = True
                 break
-            model_opt.zero_grad(set_to_none=True)
-            if loss_opt is not None:
-                loss_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if t.grad_clip > 0:
-                torch.nn.utils.clip_grad_value_(model.parameters(), t.grad_clip)
-            model_opt.step()
-            if loss_opt is not None:
-                loss_opt.step()
         if diverged:
             stop_reason = "diverged"  # keep the best checkpoint from before the divergence
             break

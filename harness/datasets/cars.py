@@ -47,14 +47,17 @@ def read_annotations(path: Path) -> np.ndarray:
     if "annotations" not in mat:
         keys = sorted(k for k in mat if not k.startswith("__"))
         raise DatasetError(f"{TITLE}: {path} has no `annotations` variable (found: {keys}); "
-                           f"expected the full-dataset cars_annos.mat, not the devkit's "
-                           f"cars_train_annos.mat / cars_test_annos.mat")
+                           f"expected the full-dataset cars_annos.mat")
     annotations = np.atleast_1d(mat["annotations"])  # squeeze_me turns a single entry to 0-d
     fields = annotations.dtype.names or ()
     absent = [f for f in REQUIRED_FIELDS if f not in fields]
     if absent:
+        # The devkit's cars_train_annos.mat / cars_test_annos.mat also hold `annotations`, but
+        # name images by `fname` (relative to cars_train/ or cars_test/), not relative_im_path.
+        devkit = (" This looks like the devkit's cars_train_annos.mat / cars_test_annos.mat; "
+                  "expected the full-dataset cars_annos.mat" if "fname" in fields else "")
         raise DatasetError(f"{TITLE}: the `annotations` struct in {path} lacks the fields "
-                           f"{absent} (it has {list(fields)})")
+                           f"{absent} (it has {list(fields)}).{devkit}")
     return annotations
 
 
