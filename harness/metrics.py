@@ -99,7 +99,10 @@ def retrieval_metrics(query: torch.Tensor, query_labels, reference: torch.Tensor
     # scoring there (O(N x D) memory) is what keeps the total close to the bare matmul + top-k.
     work = device if backend == "torch" else torch.device("cpu")
     query = query.to(work)
+    _check_finite(query, "query")
     reference = query if self_retrieval else reference.to(work)
+    if not self_retrieval:
+        _check_finite(reference, "reference")
     if normalize:
         query = F.normalize(query, dim=1)
         reference = query if self_retrieval else F.normalize(reference, dim=1)
@@ -305,10 +308,12 @@ def _as_embeddings(x, name: str) -> torch.Tensor:
     if x.ndim != 2 or len(x) == 0:
         raise ValueError(f"{name} must be a non-empty 2-D (N, D) array, got shape "
                          f"{tuple(x.shape)}")
-    x = x.float()
+    return x.float()  # finiteness is checked on the work device (fast on a GPU)
+
+
+def _check_finite(x: torch.Tensor, name: str) -> None:
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} embeddings contain NaN or inf (a diverged model?)")
-    return x
 
 
 def _as_labels(labels, n: int, name: str) -> torch.Tensor:

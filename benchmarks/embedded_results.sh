@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Regenerates results/embedded/: the four seed methods and four baselines, each a full MLRC
+# study (search on the validation folds, retraining, test) on the embedded glyph data with the
+# `embedded` profile's budget (4 trials x 4 folds x 480 iterations, 2 reproductions), then the
+# report. Usage:
+#   bash benchmarks/embedded_results.sh                 # CPU, one study at a time
+#   JOBS=8 DEVICE=cuda WORKERS=2 bash benchmarks/embedded_results.sh   # what results/ used
+set -euo pipefail
+cd "$(dirname "$0")/.."
+JOBS=${JOBS:-1}; DEVICE=${DEVICE:-auto}; WORKERS=${WORKERS:-0}
+mkdir -p results
+STUDIES="proxy_anchor_cub proxy_nca_pp_cub proxy_synthesis_cub proxy_synthesis_pa_cub
+         proxy_isa_cub norm_softmax_cub proxy_nca_cub multi_similarity_cub"
+# Render the glyphs once, before parallel studies would each start rendering them.
+python -c "from harness.config import load_study; from harness.data import prepare_data; \
+prepare_data(load_study('quickstart'))"
+start=$(date +%s)
+printf '%s\n' $STUDIES | xargs -P "$JOBS" -I{} sh -c \
+  "python -m harness.run --study {} --profile embedded --device $DEVICE \
+     --set data.num_workers=$WORKERS > results/embedded_{}.log 2>&1 && echo done {} \
+   || { echo FAILED {}; tail -5 results/embedded_{}.log; }"
+echo "all studies: $(( $(date +%s) - start )) s wall"
