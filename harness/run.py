@@ -10,6 +10,8 @@ Re-running the same command resumes: finished trials and finished final folds ar
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import sys
 import time
@@ -25,7 +27,8 @@ from harness.provenance import provenance, write_json
 RESULTS_DIR = config_mod.STUDIES_DIR.parent / "results"
 # Keys that may change between invocations of one output folder: growing the budget resumes.
 RESUMABLE_KEYS = {("search", "trials"), ("final", "reproductions"), ("train", "device"),
-                  ("data", "root"), ("data", "num_workers"), ("train", "eval_batch_size")}
+                  ("data", "root"), ("data", "num_workers"), ("data", "cache"),
+                  ("data", "cache_dir"), ("train", "eval_batch_size")}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -131,12 +134,14 @@ def run(args: argparse.Namespace) -> int:
     output.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.train.device)
     storage = args.storage or default_storage(output)
-    write_json(output / "config.json", cfg.to_dict())
-    _log_invocation(output, device, storage)
+    with output_lock(output):  # several workers may share one output folder
+        write_json(output / "config.json", cfg.to_dict())
+        _log_invocation(output, device, storage)
 
     started = time.time()
     data = prepare_data(cfg)
-    write_manifest(output / "split_manifest.json", data.records, data.split)
+    with output_lock(output):
+        write_manifest(output / "split_manifest.json", data.records, data.split)
     print(f"[{cfg.name}] {cfg.data.dataset}: {len(data.records)} images; output {output}")
 
     if args.stage in ("all", "search"):
@@ -164,6 +169,18 @@ def run(args: argparse.Namespace) -> int:
         "wall_time_s_this_invocation": time.time() - started})
     _print_summary(cfg, table, untrained)
     return 0
+
+
+@contextlib.contextmanager
+def output_lock(output: Path):
+    """Exclusive lock on OUTPUT/.lock: workers sharing a run folder write its JSON files in turn
+    (they share one temporary file name and read-modify-write provenance.json)."""
+    with open(output / ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _log_invocation(output: Path, device, storage: str) -> None:

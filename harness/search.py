@@ -4,10 +4,19 @@ Objective = suggest, train, report, prune (Optuna's examples):
   * suggest: the loss registry's search space, `train.loss_lr` for losses with parameters, and
     the study's own `search.space` additions, applied to a copy of the config through the same
     type-checked `set_value` as `--set`;
-  * train: the full 4-fold CV; each fold's best validation MAP@R is reported as an intermediate
-    value (step = fold index), so a pruner can stop a bad trial after its first fold(s);
+  * train: the full 4-fold CV; after each fold the mean of the folds' best validation MAP@R so
+    far is reported as an intermediate value, so a pruner can stop a bad trial after its first
+    fold(s). The step is the nominal training-iteration count of the trial (fold k ends at step
+    (k+1) x max_epochs x iters_per_epoch), so every trial reports at the same steps and Hyperband
+    sees training iterations as its resource. With `search.prune_warmup_folds = 0` every
+    validation point inside a fold is reported too (the mean of the finished folds and the
+    current fold's best so far), so a pruner may stop a trial inside its first fold;
   * value: the mean over folds of the best validation MAP@R; per-fold values and their standard
     error are stored on the trial (user attrs).
+
+Several workers (processes, machines) may share one storage: the study is created under a file
+lock (SQLite) and with retries (any RDB: concurrent table creation fails for all but one), and
+the trial budget is kept exact (`_over_budget`). See harness/workers.py.
 
 Resuming: storage is an Optuna RDB (SQLite file in the output folder by default), so re-running
 the same command continues the study. Finished trials are kept. A trial left RUNNING by a killed
@@ -18,10 +27,13 @@ only when COMPLETE or PRUNED, so nothing is counted twice.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
 import json
 import math
 import os
+import random
 import socket
 import statistics
 import time
@@ -32,13 +44,15 @@ import warnings
 
 import numpy as np
 import optuna
+import sqlalchemy.engine
+import sqlalchemy.exc
 from optuna.storages import RDBStorage
 # Optuna renamed RetryFailedTrialCallback (deprecated since 4.9, removed in 6.0); same behaviour.
 from optuna.storages import RetryHeartbeatStaleTrialCallback as RetryStaleTrial
 from optuna.trial import TrialState
 
 from harness.config import StudyConfig, set_value
-from harness.data import PreparedData
+from harness.data import PreparedData, dataset_defaults
 from harness.errors import ConfigError
 from harness.progress import bar
 from harness.train import train_fold
@@ -48,10 +62,13 @@ from losses.registry import SearchParam, get_loss_spec
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 HEARTBEAT_SECONDS = 30  # a worker's trial is declared stale after GRACE without a heartbeat
-GRACE_SECONDS = 120
+GRACE_SECONDS = 120  # both can be changed with $HARNESS_HEARTBEAT_S and $HARNESS_GRACE_S
+WAIT_SECONDS = 2.0  # how often an idle worker looks at the study (finished? a trial to retry?)
+STORAGE_TRIES = 6  # opening a fresh RDB from many workers at once: retry the losers
 MAX_RETRIES = 3  # a trial killed this often is given up (it probably crashes the process)
 LOSS_LR_SPACE = SearchParam(kind="float", low=1e-6, high=1.0, log=True)  # MLRC proxy lr range
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
+_JITTER = random.Random()  # retry delays; leaves the global RNG (seeded training) alone
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,14 +143,85 @@ def default_storage(output: Path) -> str:
     return f"sqlite:///{(output / 'study.db').resolve()}"
 
 
-def open_storage(url: str) -> RDBStorage:
+def _env_seconds(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
     try:
-        return RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+        return max(1, int(value)) if value else default
+    except ValueError:
+        raise ConfigError(f"${name}={value!r}: expected a whole number of seconds") from None
+
+
+def heartbeat_seconds() -> int:
+    return _env_seconds("HARNESS_HEARTBEAT_S", HEARTBEAT_SECONDS)
+
+
+def grace_seconds() -> int:
+    return _env_seconds("HARNESS_GRACE_S", GRACE_SECONDS)
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a SQLite URL (None for other databases and in-memory SQLite)."""
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except Exception:  # noqa: BLE001 (reported by open_storage with the URL)
+        return None
+    if not parsed.drivername.startswith("sqlite") or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
+@contextlib.contextmanager
+def creation_lock(url: str):
+    """Hold an exclusive file lock beside a SQLite database (no-op for other databases).
+
+    Optuna's RDBStorage creates its tables and stamps the schema version when it opens a fresh
+    database; several workers doing that at the same moment fail ("table studies already
+    exists", "UNIQUE constraint failed: alembic_version"). One machine, one lock file.
+    """
+    path = sqlite_path(url)
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _retrying(what, url: str):
+    """Run what() and retry it on database errors: on a fresh PostgreSQL/MySQL database the
+    workers race to create the tables and all but one fail; the next try finds them made."""
+    for attempt in range(STORAGE_TRIES):
+        try:
+            return what()
+        except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.DuplicatedStudyError) as e:
+            if attempt == STORAGE_TRIES - 1:
+                raise ConfigError(f"--storage {url!r}: cannot open the Optuna storage: "
+                                  f"{e}") from None
+            time.sleep(0.2 * 2 ** attempt * (1 + _JITTER.random()))
+        except ConfigError:
+            raise
+        except Exception as e:  # missing driver, malformed URL: retrying would not help
+            raise ConfigError(f"--storage {url!r}: cannot open the Optuna storage: {e}") from None
+
+
+def open_storage(url: str) -> RDBStorage:
+    with creation_lock(url):
+        return _open_storage(url)
+
+
+def _open_storage(url: str) -> RDBStorage:
+    def make() -> RDBStorage:
+        return RDBStorage(url, heartbeat_interval=heartbeat_seconds(),
+                          grace_period=grace_seconds(),
                           heartbeat_stale_trial_callback=RetryStaleTrial(
                               max_retry=MAX_RETRIES, inherit_intermediate_values=True),
                           engine_kwargs=_engine_kwargs(url))
-    except Exception as e:  # SQLAlchemy raises many types; the user needs the URL and the reason
-        raise ConfigError(f"--storage {url!r}: cannot open the Optuna storage: {e}") from None
+
+    return _retrying(make, url)
 
 
 def _engine_kwargs(url: str) -> dict:
@@ -150,22 +238,46 @@ def make_sampler(cfg: StudyConfig) -> optuna.samplers.BaseSampler:
                                       constant_liar=True)
 
 
-def make_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
+def fold_steps(cfg: StudyConfig) -> int:
+    """Steps (nominal training iterations) of one fold: the unit of intermediate values."""
+    return cfg.train.max_epochs * cfg.train.iters_per_epoch
+
+
+def prune_within_folds(cfg: StudyConfig) -> bool:
+    """Report (and prune on) every validation point, not only fold ends."""
+    return cfg.search.pruner != "none" and cfg.search.prune_warmup_folds <= 0
+
+
+def make_pruner(cfg: StudyConfig, val_every_epochs: int = 1) -> optuna.pruners.BasePruner:
+    """Median: stop a trial whose running mean is below the median of earlier trials at the same
+    step, from `prune_warmup_folds` folds on. Hyperband (multi-fidelity, resource = training
+    iterations): rungs from one fold (or, with prune_warmup_folds = 0, from the first validation
+    point) up to the whole CV, reduction factor 3."""
     s = cfg.search
+    per_fold = fold_steps(cfg)
     if s.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=min(5, s.trials),
-                                           n_warmup_steps=s.prune_warmup_folds)
+                                           n_warmup_steps=max(0, s.prune_warmup_folds) * per_fold)
     if s.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=s.folds)
+        first = min(val_every_epochs, cfg.train.max_epochs) * cfg.train.iters_per_epoch
+        min_resource = s.prune_warmup_folds * per_fold if s.prune_warmup_folds > 0 else first
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, min_resource),
+                                              max_resource=s.folds * per_fold,
+                                              reduction_factor=3)
     return optuna.pruners.NopPruner()
 
 
-def open_study(cfg: StudyConfig, storage_url: str) -> optuna.Study:
-    storage = open_storage(storage_url)
-    study = optuna.create_study(storage=storage, study_name=cfg.name, direction="maximize",
-                                sampler=make_sampler(cfg), pruner=make_pruner(cfg),
-                                load_if_exists=True)
-    return study
+def open_study(cfg: StudyConfig, storage_url: str, val_every_epochs: int = 1) -> optuna.Study:
+    """Create the study, or load it when it exists; safe when many workers do it at once."""
+    def make() -> optuna.Study:
+        return optuna.create_study(storage=storage, study_name=cfg.name, direction="maximize",
+                                   sampler=make_sampler(cfg),
+                                   pruner=make_pruner(cfg, val_every_epochs),
+                                   load_if_exists=True)
+
+    with creation_lock(storage_url):  # flock is per open file: take it once, not nested
+        storage = _open_storage(storage_url)
+        return _retrying(make, storage_url)
 
 
 def fail_dead_local_trials(study: optuna.Study) -> list[int]:
@@ -180,7 +292,11 @@ def fail_dead_local_trials(study: optuna.Study) -> list[int]:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if t.user_attrs.get("host") != host or _pid_alive(t.user_attrs.get("pid", -1)):
             continue
-        study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+        try:  # another worker on this host may fail it first: only one of them retries it
+            if not study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
         RetryStaleTrial(max_retry=MAX_RETRIES, inherit_intermediate_values=True)(
             study, study._storage.get_trial(t._trial_id))
         failed.append(t.number)
@@ -223,6 +339,12 @@ def _original_trial(study: optuna.Study, trial: optuna.Trial) -> optuna.trial.Fr
 
 
 def make_objective(cfg: StudyConfig, data: PreparedData, output: Path, device, space):
+    per_fold = fold_steps(cfg)
+    n_folds = len(data.split.folds[: cfg.search.folds])
+    last_step = n_folds * per_fold
+    val_every, _ = dataset_defaults(cfg, data.spec)
+    within = prune_within_folds(cfg)
+
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
@@ -235,27 +357,55 @@ def make_objective(cfg: StudyConfig, data: PreparedData, output: Path, device, s
         trial.set_user_attr("seed_number", seed_number)
         done = dict(original.user_attrs.get("fold_results", {})) if original else {}
         run_dir = output / "trials" / f"trial_{seed_number:04d}"
-        fold_values = []
-        for fold in data.split.folds[: cfg.search.folds]:
+        # Steps already reported (a retried trial inherits its predecessor's): Optuna ignores a
+        # second report of one step with a warning.
+        reported = set(trial.study._storage.get_trial(trial._trial_id).intermediate_values)
+        # Training iterations this trial ran ("before": those of its earlier folds).
+        spent = {"iterations": 0, "before": 0}
+
+        def report_and_prune(step: int, value: float) -> None:
+            if step not in reported:
+                trial.report(value, step=step)
+                reported.add(step)
+            if step < last_step and trial.should_prune():  # at the last step: nothing to save
+                trial.set_user_attr("train_iterations", spent["iterations"])
+                raise optuna.TrialPruned(f"pruned at step {step} (MAP@R {value:.4f})")
+
+        fold_values: list[float] = []
+        for k, fold in enumerate(data.split.folds[: cfg.search.folds]):
             key = str(fold.index)
             if key not in done:
-                def report(step: int, value: float) -> None:  # noqa: ARG001 (step: validation no.)
-                    pass  # within-fold pruning is not used: folds differ in difficulty
+                fold_best = {"value": -math.inf}
 
-                result = train_fold(trial_cfg, data, fold, device,
-                                    seed=fold_seed(cfg, seed_number, fold.index),
-                                    run_dir=run_dir / f"fold_{fold.index}", report=report,
-                                    desc=f"trial {trial.number} fold {fold.index}")
+                def report(index: int, value: float, k=k, fold_best=fold_best) -> None:
+                    # index = validation number in this fold; its epoch follows the schedule.
+                    epoch = min((index + 1) * val_every, cfg.train.max_epochs)
+                    spent["iterations"] = spent["before"] + epoch * cfg.train.iters_per_epoch
+                    fold_best["value"] = max(fold_best["value"], value)
+                    if within:
+                        report_and_prune(k * per_fold + epoch * cfg.train.iters_per_epoch,
+                                         (sum(fold_values) + fold_best["value"]) / (k + 1))
+
+                spent["before"] = spent["iterations"]
+                fold_dir = run_dir / f"fold_{fold.index}"
+                try:
+                    result = train_fold(trial_cfg, data, fold, device,
+                                        seed=fold_seed(cfg, seed_number, fold.index),
+                                        run_dir=fold_dir, report=report,
+                                        desc=f"trial {trial.number} fold {fold.index}")
+                except optuna.TrialPruned:
+                    (fold_dir / "last.pt").unlink(missing_ok=True)  # never resumed
+                    raise
+                spent["iterations"] = spent["before"] + \
+                    result.epochs_trained * cfg.train.iters_per_epoch
                 done[key] = {"map_at_r": result.best_map_at_r, "best_epoch": result.best_epoch,
                              "epochs": result.epochs_trained, "stop": result.stop_reason,
                              "metrics": result.best_metrics}
-                (run_dir / f"fold_{fold.index}" / "history.json").write_text(
-                    json.dumps(result.history, indent=1))
+                (fold_dir / "history.json").write_text(json.dumps(result.history, indent=1))
                 trial.set_user_attr("fold_results", done)
+                trial.set_user_attr("train_iterations", spent["iterations"])
             fold_values.append(done[key]["map_at_r"])
-            trial.report(statistics.fmean(fold_values), step=len(fold_values) - 1)
-            if trial.should_prune():
-                raise optuna.TrialPruned()
+            report_and_prune((k + 1) * per_fold, statistics.fmean(fold_values))
         mean = statistics.fmean(fold_values)
         sem = statistics.stdev(fold_values) / math.sqrt(len(fold_values)) \
             if len(fold_values) > 1 else 0.0
@@ -291,8 +441,7 @@ def run_search(cfg: StudyConfig, data: PreparedData, output: Path, storage_url: 
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = search_space(cfg)
-    study = open_study(cfg, storage_url)
-    fail_dead_local_trials(study)
+    study = open_study(cfg, storage_url, dataset_defaults(cfg, data.spec)[0])
     objective = make_objective(cfg, data, output, device, space)
 
     def guarded(trial: optuna.Trial) -> float:
@@ -304,7 +453,11 @@ def run_search(cfg: StudyConfig, data: PreparedData, output: Path, storage_url: 
     progress = bar(total=cfg.search.trials, initial=counted_trials(study), desc="search",
                    unit="trial", leave=True)
     while True:
-        optuna.storages.fail_stale_trials(study)
+        # SQLite does not lock a row between reading and failing it: without the file lock two
+        # workers could both fail one dead trial and both queue a retry of it.
+        with creation_lock(storage_url):
+            fail_dead_local_trials(study)  # a worker on this host that died: retry it now
+            optuna.storages.fail_stale_trials(study)  # any host: after the grace period
         counted = counted_trials(study)
         progress.n = counted
         progress.refresh()
@@ -312,7 +465,8 @@ def run_search(cfg: StudyConfig, data: PreparedData, output: Path, storage_url: 
             break
         running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
         if counted + running >= cfg.search.trials:
-            time.sleep(HEARTBEAT_SECONDS / 3)  # other workers hold the rest of the budget
+            # Other workers hold the rest of the budget: wait, in case one of them dies.
+            time.sleep(min(heartbeat_seconds() / 3, WAIT_SECONDS))
             continue
         study.optimize(guarded, n_trials=1, catch=(SurplusTrial,))
     progress.close()
