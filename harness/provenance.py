@@ -10,8 +10,10 @@ import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: harness.report needs git_commit only
+    import torch
 
 PACKAGES = ("torch", "torchvision", "pytorch-metric-learning", "optuna", "faiss-cpu", "faiss-gpu",
             "numpy", "pandas", "scipy", "pillow", "matplotlib")
@@ -44,6 +46,8 @@ def library_versions() -> dict:
 
 
 def hardware(device: torch.device | None = None) -> dict:
+    import torch
+
     info = {"platform": platform.platform(), "processor": platform.processor() or
             platform.machine(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "cuda_available": torch.cuda.is_available()}

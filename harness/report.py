@@ -792,19 +792,11 @@ def _times(run: Run) -> str:
 
 
 def _report_commit() -> str:
-    """The harness's own commit (as harness.provenance records it, without importing torch)."""
-    import subprocess
+    """The harness's own commit, as harness.provenance records it for runs."""
+    from harness.provenance import git_commit
 
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (commit[:12] or "unknown") + ("+dirty" if dirty else "")
+    info = git_commit()
+    return info["commit"][:12] + ("+dirty" if info["dirty"] else "")
 
 
 @dataclass

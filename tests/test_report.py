@@ -265,52 +265,18 @@ def test_report_folder_is_not_scanned(tmp_path):
     assert [p.name for p in found] == ["a"]
 
 
-TINY_STUDY = """
-description = "tiny study for the report test"
-[data]
-dataset = "glyphs"
-root = "{root}"
-glyph_classes = 32
-glyph_per_class = 8
-resize = 36
-crop = 32
-scale_min = 0.5
-num_workers = 0
-[model]
-trunk = "small_cnn"
-pretrained = false
-embedding_size = 16
-freeze_bn = false
-[loss]
-name = "proxy_anchor"
-[train]
-optimizer = "adam"
-lr = 1e-3
-loss_optimizer = "adam"
-batch_size = 16
-iters_per_epoch = 3
-max_epochs = 2
-val_every_epochs = 1
-patience = 5
-eval_batch_size = 64
-[search]
-trials = 2
-n_startup_trials = 1
-pruner = "none"
-[final]
-reproductions = 2
-"""
 
 
 @pytest.mark.slow
 def test_report_on_a_real_tiny_run(tmp_path, monkeypatch):
     from harness.run import main as run_main
+    from test_run import write_study
 
     monkeypatch.setenv("HARNESS_NO_PROGRESS", "1")
-    study = tmp_path / "tiny.toml"
-    study.write_text(TINY_STUDY.format(root=tmp_path / "glyphs"))
+    study = write_study(tmp_path, tmp_path / "glyphs")  # test_run's tiny study, 2 reproductions
     run = tmp_path / "results" / "tiny"
-    assert run_main(["--study", str(study), "--output", str(run), "--device", "cpu"]) == 0
+    assert run_main(["--study", str(study), "--output", str(run), "--device", "cpu",
+                     "--reproductions", "2"]) == 0
     report = build_report(None, out=tmp_path / "report", results_dir=tmp_path / "results")
     t = table(report)
     frame = pd.read_csv(run / "final" / "test_metrics.csv")
