@@ -22,7 +22,7 @@ from harness.config import StudyConfig
 from harness.data import PreparedData, batch_transform, eval_loader, query_gallery_indices
 from harness.metrics import compute_embeddings, retrieval_metrics
 from harness.progress import bar
-from harness.search import hash_seed
+from harness.seeds import reproduction_fold_seed
 from harness.train import load_best_model, train_fold
 
 METRIC_COLUMNS = ("precision_at_1", "recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8",
@@ -112,7 +112,7 @@ def retrain_and_test(cfg: StudyConfig, data: PreparedData, output: Path, device,
 
 
 def _train_and_test_fold(cfg, data, fold, device, rep, fold_dir, emb_path) -> dict:
-    seed = hash_seed(cfg.seed, 2, rep, fold.index)
+    seed = reproduction_fold_seed(cfg.seed, rep, fold.index)
     result = train_fold(cfg, data, fold, device, seed=seed, run_dir=fold_dir,
                         desc=f"rep {rep} fold {fold.index}")
     (fold_dir / "history.json").write_text(json.dumps(result.history, indent=1))

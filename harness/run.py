@@ -10,8 +10,6 @@ Re-running the same command resumes: finished trials and finished final folds ar
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import json
 import sys
 import time
@@ -124,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
     # Imported here so that `--list` and config errors answer without loading torch models.
     from harness.data import prepare_data, resolve_device
     from harness.retrain import retrain_and_test, summarize
-    from harness.search import (best_trial, config_for_params, default_storage, run_search,
+    from harness.storage import default_storage
+    from harness.search import (best_trial, config_for_params, run_search,
                                 write_search_summary)
     from harness.splits import write_manifest
 
@@ -171,16 +170,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-@contextlib.contextmanager
 def output_lock(output: Path):
     """Exclusive lock on OUTPUT/.lock: workers sharing a run folder write its JSON files in turn
     (they share one temporary file name and read-modify-write provenance.json)."""
-    with open(output / ".lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    from harness.storage import file_lock
+
+    return file_lock(output / ".lock")
 
 
 def _log_invocation(output: Path, device, storage: str) -> None:

@@ -27,48 +27,36 @@ only when COMPLETE or PRUNED, so nothing is counted twice.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import fcntl
 import json
 import math
 import os
-import random
 import socket
 import statistics
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
-import warnings
-
-import numpy as np
 import optuna
-import sqlalchemy.engine
-import sqlalchemy.exc
-from optuna.storages import RDBStorage
-# Optuna renamed RetryFailedTrialCallback (deprecated since 4.9, removed in 6.0); same behaviour.
-from optuna.storages import RetryHeartbeatStaleTrialCallback as RetryStaleTrial
 from optuna.trial import TrialState
 
 from harness.config import StudyConfig, set_value
 from harness.data import PreparedData, dataset_defaults
 from harness.errors import ConfigError
 from harness.progress import bar
+from harness.seeds import trial_fold_seed
+from harness.storage import (COUNTED, RetryStaleTrial, open_storage_unlocked, retrying, counted_trials,
+                             creation_lock, default_storage, fail_dead_local_trials,
+                             heartbeat_seconds)
 from harness.train import train_fold
 from losses.registry import SearchParam, get_loss_spec
 
 # Heartbeats and the retry callback are marked experimental; they are what makes runs resumable.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
-HEARTBEAT_SECONDS = 30  # a worker's trial is declared stale after GRACE without a heartbeat
-GRACE_SECONDS = 120  # both can be changed with $HARNESS_HEARTBEAT_S and $HARNESS_GRACE_S
 WAIT_SECONDS = 2.0  # how often an idle worker looks at the study (finished? a trial to retry?)
-STORAGE_TRIES = 6  # opening a fresh RDB from many workers at once: retry the losers
-MAX_RETRIES = 3  # a trial killed this often is given up (it probably crashes the process)
 LOSS_LR_SPACE = SearchParam(kind="float", low=1e-6, high=1.0, log=True)  # MLRC proxy lr range
-COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
-_JITTER = random.Random()  # retry delays; leaves the global RNG (seeded training) alone
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,98 +127,6 @@ def config_for_params(cfg: StudyConfig, params: dict[str, Any]) -> StudyConfig:
 # --------------------------------------------------------------------------------------------
 # Storage and study
 # --------------------------------------------------------------------------------------------
-def default_storage(output: Path) -> str:
-    return f"sqlite:///{(output / 'study.db').resolve()}"
-
-
-def _env_seconds(name: str, default: int) -> int:
-    value = os.environ.get(name, "")
-    try:
-        return max(1, int(value)) if value else default
-    except ValueError:
-        raise ConfigError(f"${name}={value!r}: expected a whole number of seconds") from None
-
-
-def heartbeat_seconds() -> int:
-    return _env_seconds("HARNESS_HEARTBEAT_S", HEARTBEAT_SECONDS)
-
-
-def grace_seconds() -> int:
-    return _env_seconds("HARNESS_GRACE_S", GRACE_SECONDS)
-
-
-def sqlite_path(url: str) -> Path | None:
-    """The database file of a SQLite URL (None for other databases and in-memory SQLite)."""
-    try:
-        parsed = sqlalchemy.engine.make_url(url)
-    except Exception:  # noqa: BLE001 (reported by open_storage with the URL)
-        return None
-    if not parsed.drivername.startswith("sqlite") or parsed.database in (None, "", ":memory:"):
-        return None
-    return Path(parsed.database)
-
-
-@contextlib.contextmanager
-def creation_lock(url: str):
-    """Hold an exclusive file lock beside a SQLite database (no-op for other databases).
-
-    Optuna's RDBStorage creates its tables and stamps the schema version when it opens a fresh
-    database; several workers doing that at the same moment fail ("table studies already
-    exists", "UNIQUE constraint failed: alembic_version"). One machine, one lock file.
-    """
-    path = sqlite_path(url)
-    if path is None:
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _retrying(what, url: str):
-    """Run what() and retry it on database errors: on a fresh PostgreSQL/MySQL database the
-    workers race to create the tables and all but one fail; the next try finds them made."""
-    for attempt in range(STORAGE_TRIES):
-        try:
-            return what()
-        except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.DuplicatedStudyError) as e:
-            if attempt == STORAGE_TRIES - 1:
-                raise ConfigError(f"--storage {url!r}: cannot open the Optuna storage: "
-                                  f"{e}") from None
-            time.sleep(0.2 * 2 ** attempt * (1 + _JITTER.random()))
-        except ConfigError:
-            raise
-        except Exception as e:  # missing driver, malformed URL: retrying would not help
-            raise ConfigError(f"--storage {url!r}: cannot open the Optuna storage: {e}") from None
-
-
-def open_storage(url: str) -> RDBStorage:
-    with creation_lock(url):
-        return _open_storage(url)
-
-
-def _open_storage(url: str) -> RDBStorage:
-    def make() -> RDBStorage:
-        return RDBStorage(url, heartbeat_interval=heartbeat_seconds(),
-                          grace_period=grace_seconds(),
-                          heartbeat_stale_trial_callback=RetryStaleTrial(
-                              max_retry=MAX_RETRIES, inherit_intermediate_values=True),
-                          engine_kwargs=_engine_kwargs(url))
-
-    return _retrying(make, url)
-
-
-def _engine_kwargs(url: str) -> dict:
-    if url.startswith("sqlite"):
-        # Several workers on one SQLite file: wait for the lock instead of failing at once.
-        return {"connect_args": {"timeout": 60}}
-    return {"pool_pre_ping": True}
-
-
 def make_sampler(cfg: StudyConfig) -> optuna.samplers.BaseSampler:
     if cfg.search.sampler == "random":
         return optuna.samplers.RandomSampler(seed=cfg.seed)
@@ -276,58 +172,15 @@ def open_study(cfg: StudyConfig, storage_url: str, val_every_epochs: int = 1) ->
                                    load_if_exists=True)
 
     with creation_lock(storage_url):  # flock is per open file: take it once, not nested
-        storage = _open_storage(storage_url)
-        return _retrying(make, storage_url)
-
-
-def fail_dead_local_trials(study: optuna.Study) -> list[int]:
-    """Fail RUNNING trials whose worker ran on this host and is no longer alive.
-
-    The heartbeat finds stale trials from any machine, but only after the grace period; a user
-    who kills a run and restarts it at once should not wait for that. Returns the trial numbers
-    failed (each is then retried by the storage's retry callback).
-    """
-    failed = []
-    host = socket.gethostname()
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if t.user_attrs.get("host") != host or _pid_alive(t.user_attrs.get("pid", -1)):
-            continue
-        try:  # another worker on this host may fail it first: only one of them retries it
-            if not study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
-                continue
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue
-        RetryStaleTrial(max_retry=MAX_RETRIES, inherit_intermediate_values=True)(
-            study, study._storage.get_trial(t._trial_id))
-        failed.append(t.number)
-    return failed
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def counted_trials(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=COUNTED))
+        storage = open_storage_unlocked(storage_url)
+        return retrying(make, storage_url)
 
 
 # --------------------------------------------------------------------------------------------
 # Objective
 # --------------------------------------------------------------------------------------------
 def fold_seed(cfg: StudyConfig, trial_number: int, fold: int) -> int:
-    return hash_seed(cfg.seed, 1, trial_number, fold)
-
-
-def hash_seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+    return trial_fold_seed(cfg.seed, trial_number, fold)
 
 
 def _original_trial(study: optuna.Study, trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:

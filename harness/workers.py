@@ -65,7 +65,8 @@ def prepare(rest: list[str]) -> tuple[Path, str]:
     """Resolve the study like harness.run does, create the output folder, the study and the data
     caches once. Returns (output folder, storage URL)."""
     from harness import run
-    from harness.search import default_storage, open_study
+    from harness.search import open_study
+    from harness.storage import default_storage
 
     run_args = run.parse_args(rest)
     if not run_args.study:

@@ -19,8 +19,8 @@ from optuna.trial import TrialState
 
 from harness.config import load_study
 from harness.data import prepare_data
-from harness.search import (COUNTED, fold_steps, make_pruner, open_study, prune_within_folds,
-                            sqlite_path)
+from harness.search import fold_steps, make_pruner, open_study, prune_within_folds
+from harness.storage import COUNTED, sqlite_path
 from harness.workers import main as workers_main
 from test_run import REPO, load, write_study
 

@@ -1,0 +1,193 @@
+"""Optuna storage shared by many workers: open it safely, keep trials alive, retry dead ones.
+
+Several workers (processes, machines) may share one storage. Opening a fresh database is racy
+(concurrent table creation fails for all but one opener), so a SQLite study is opened under a
+file lock beside the database and any RDB with retries. A trial left RUNNING by a killed worker
+is failed (at once on the same host, after the heartbeat grace period elsewhere) and retried by
+Optuna's retry callback with the same parameters; trials count toward the budget only when
+COMPLETE or PRUNED.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import random
+import socket
+import time
+import warnings
+from pathlib import Path
+
+import optuna
+import sqlalchemy.engine
+import sqlalchemy.exc
+from optuna.storages import RDBStorage
+# Optuna renamed RetryFailedTrialCallback (deprecated since 4.9, removed in 6.0); same behaviour.
+from optuna.storages import RetryHeartbeatStaleTrialCallback as RetryStaleTrial
+from optuna.trial import TrialState
+
+from harness.errors import ConfigError
+
+# Heartbeats and the retry callback are marked experimental; they are what makes runs resumable.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+HEARTBEAT_SECONDS = 30  # a worker's trial is declared stale after GRACE without a heartbeat
+GRACE_SECONDS = 120  # both can be changed with $HARNESS_HEARTBEAT_S and $HARNESS_GRACE_S
+STORAGE_TRIES = 6  # opening a fresh RDB from many workers at once: retry the losers
+MAX_RETRIES = 3  # a trial killed this often is given up (it probably crashes the process)
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
+_JITTER = random.Random()  # retry delays; leaves the global RNG (seeded training) alone
+
+
+def default_storage(output: Path) -> str:
+    return f"sqlite:///{(output / 'study.db').resolve()}"
+
+
+def _env_seconds(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    try:
+        return max(1, int(value)) if value else default
+    except ValueError:
+        raise ConfigError(f"${name}={value!r}: expected a whole number of seconds") from None
+
+
+def heartbeat_seconds() -> int:
+    return _env_seconds("HARNESS_HEARTBEAT_S", HEARTBEAT_SECONDS)
+
+
+def grace_seconds() -> int:
+    return _env_seconds("HARNESS_GRACE_S", GRACE_SECONDS)
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a SQLite URL (None for other databases and in-memory SQLite)."""
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except Exception:  # noqa: BLE001 (reported by open_storage with the URL)
+        return None
+    if not parsed.drivername.startswith("sqlite") or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """Hold an exclusive flock on `path` (created if missing). Used beside a SQLite database and
+    on a run folder's `.lock`: one machine, one lock file. flock is per open file: never nest
+    two holds of the same path in one process."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def creation_lock(url: str):
+    """Hold an exclusive file lock beside a SQLite database (no-op for other databases).
+
+    Optuna's RDBStorage creates its tables and stamps the schema version when it opens a fresh
+    database; several workers doing that at the same moment fail ("table studies already
+    exists", "UNIQUE constraint failed: alembic_version").
+    """
+    path = sqlite_path(url)
+    if path is None:
+        yield
+        return
+    with file_lock(path.with_name(path.name + ".lock")):
+        yield
+
+
+def retrying(what, url: str):
+    """Run what() and retry it on database errors: on a fresh PostgreSQL/MySQL database the
+    workers race to create the tables and all but one fail; the next try finds them made."""
+    for attempt in range(STORAGE_TRIES):
+        try:
+            return what()
+        except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.DuplicatedStudyError) as e:
+            if attempt == STORAGE_TRIES - 1:
+                raise ConfigError(f"--storage {url!r}: cannot open the Optuna storage: "
+                                  f"{e}") from None
+            time.sleep(0.2 * 2 ** attempt * (1 + _JITTER.random()))
+        except ConfigError:
+            raise
+        except Exception as e:  # missing driver, malformed URL: retrying would not help
+            raise ConfigError(f"--storage {url!r}: cannot open the Optuna storage: {e}") from None
+
+
+def open_storage(url: str) -> RDBStorage:
+    with creation_lock(url):
+        return open_storage_unlocked(url)
+
+
+def open_storage_unlocked(url: str) -> RDBStorage:
+    def make() -> RDBStorage:
+        return RDBStorage(url, heartbeat_interval=heartbeat_seconds(),
+                          grace_period=grace_seconds(),
+                          heartbeat_stale_trial_callback=RetryStaleTrial(
+                              max_retry=MAX_RETRIES, inherit_intermediate_values=True),
+                          engine_kwargs=_engine_kwargs(url))
+
+    return retrying(make, url)
+
+
+def _engine_kwargs(url: str) -> dict:
+    if url.startswith("sqlite"):
+        # Several workers on one SQLite file: wait for the lock instead of failing at once.
+        return {"connect_args": {"timeout": 60}}
+    return {"pool_pre_ping": True}
+
+
+
+def fail_dead_local_trials(study: optuna.Study) -> list[int]:
+    """Fail RUNNING trials whose worker ran on this host and is no longer alive.
+
+    The heartbeat finds stale trials from any machine, but only after the grace period; a user
+    who kills a run and restarts it at once should not wait for that. Returns the trial numbers
+    failed (each is then retried by the storage's retry callback).
+    """
+    failed = []
+    host = socket.gethostname()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.user_attrs.get("host") != host or _pid_alive(t.user_attrs.get("pid", -1)):
+            continue
+        try:  # another worker on this host may fail it first: only one of them retries it
+            if not study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+        RetryStaleTrial(max_retry=MAX_RETRIES, inherit_intermediate_values=True)(
+            study, study._storage.get_trial(t._trial_id))
+        failed.append(t.number)
+    return failed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def counted_trials(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=COUNTED))
+
+
+def redact_url(url: str) -> str:
+    """The storage URL with any password replaced by ***, for logs, errors and provenance files
+    (run folders may sit on shared disks). Non-URL strings are returned unchanged."""
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except Exception:  # noqa: BLE001 (not a SQLAlchemy URL: a path, a journal file)
+        return url
+    if parsed.password is None:
+        return url
+    return parsed.render_as_string(hide_password=True)
