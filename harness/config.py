@@ -65,6 +65,10 @@ class LossConfig:
 class TrainConfig:
     batch_size: int = 32  # MLRC batch 32 ...
     m_per_class: int = 4  # ... from an m-per-class sampler, m = 4
+    # "mlrc": pml's MPerClassSampler without batch_size, as MLRC ran it: each pass shuffles all
+    # classes and takes m images of each, so every class appears once per C*m/batch batches
+    # (harness/sampler.py). "per_batch": every batch draws batch/m classes independently.
+    sampler: str = "mlrc"
     optimizer: str = "rmsprop"  # rmsprop | adam | adamw | sgd, for trunk + embedder
     lr: float = 1e-6  # MLRC trunk/embedder lr
     momentum: float = 0.9  # RMSprop/SGD momentum
@@ -72,15 +76,15 @@ class TrainConfig:
     adam_eps: float = 1e-8  # ProxyNCA++'s recipe uses Adam with eps = 1
     loss_optimizer: str = "rmsprop"  # own optimizer for loss parameters (proxies, class weights)
     loss_lr: float = 1e-4  # searched log-uniform in [1e-6, 1]; a large value = fast-moving proxies
-    loss_weight_decay: float = 0.0
+    loss_weight_decay: float = 1e-4  # MLRC (with_metric_loss_optimizer_bayes_opt.yaml)
     iters_per_epoch: int = 100  # MLRC "epoch" = 100 iterations
     max_epochs: int = 1000
     val_every_epochs: int = 0  # 0 = the data set's MLRC value (CUB 2, Cars 5, SOP 20)
     patience: int = -1  # -1 = the data set's MLRC value (CUB 9, Cars 14, SOP 39)
     warmup_epochs: int = 0  # epochs with the trunk frozen: only embedder and loss params train
     grad_clip: float = 0.0  # clip gradient values of model params (0 = off); proxies never clipped
-    amp: bool = True  # bf16 autocast on CUDA; always float32 on CPU
-    channels_last: bool = True  # memory format on CUDA
+    amp: bool = False  # MLRC trains in float32; True = bf16 autocast on CUDA (opt-in)
+    channels_last: bool = False  # memory format on CUDA (opt-in; slower at batch 32, measured)
     eval_batch_size: int = 128
     device: str = "auto"  # auto = cuda when available, else cpu
 
@@ -89,18 +93,27 @@ class TrainConfig:
 class SearchConfig:
     trials: int = 50  # MLRC: 50 trials per (loss, dataset); one trial = the full 4-fold CV
     folds: int = 4
-    sampler: str = "tpe"  # tpe | random
-    n_startup_trials: int = 10  # random trials before TPE models the space
-    pruner: str = "median"  # none | median | hyperband
+    # MLRC: Ax's AxClient, Sobol start then GP-EI, every trial all folds, no pruning
+    # (harness/search.py cites the files). "gp" = Sobol start then Optuna's GPSampler; "tpe"
+    # and "random" and the pruners are faster, explicit opt-ins (not MLRC).
+    sampler: str = "gp"  # gp | tpe | random
+    n_startup_trials: int = -1  # quasi-random start; -1 = auto (gp: Ax's max(5, dims); tpe: 10)
+    pruner: str = "none"  # none | median | hyperband
     prune_warmup_folds: int = 1  # never prune before this many folds reported
     # Extra or replaced search dimensions: {"loss.margin": {"low": 0, "high": 1}, ...}. The loss
     # registry's space and train.loss_lr (for losses with parameters) are always included.
     space: dict[str, Any] = field(default_factory=dict)
+    # Searched keys that a study file, profile or --set gave a value: they are NOT searched (the
+    # value given is used). Filled by load_study; listed in config.json and in the log.
+    fixed: list[str] = field(default_factory=list)
 
 
 @dataclass
 class FinalConfig:
     reproductions: int = 10  # MLRC retrains the best configuration 10 times
+    # MLRC also tests the best trial's own fold models and reports best + reproductions
+    # (bayes_opt_runner.py: test_model(best), reproduce_results, create_accuracy_report).
+    include_best_trial: bool = True
     keep_checkpoints: bool = True  # keep each final fold model's best checkpoint on disk
 
 
@@ -221,12 +234,14 @@ def _set_loss_param(cfg: StudyConfig, param: str, value: Any, where: str) -> Non
     cfg.loss.params[param] = coerce(value, expected, where)
 
 
-def apply_table(cfg: StudyConfig, table: dict[str, Any], source: str) -> None:
+def apply_table(cfg: StudyConfig, table: dict[str, Any], source: str) -> list[str]:
     """Apply a parsed TOML table (nested dicts) to cfg. `loss.name` goes first so that the
-    loss parameters are checked against the right loss."""
+    loss parameters are checked against the right loss. Returns the dotted keys it set."""
+    keys: list[str] = []
     for key in TOP_LEVEL:
         if key in table:
             set_value(cfg, key, table[key], source)
+            keys.append(key)
     for key in table:
         if key not in TOP_LEVEL and key != "extends" and key not in SECTIONS:
             raise ConfigError(f"{source}: unknown top-level key {key!r}; expected "
@@ -240,6 +255,7 @@ def apply_table(cfg: StudyConfig, table: dict[str, Any], source: str) -> None:
             raise ConfigError(f"{source}: {section} must be a table [{section}]")
         if section == "loss" and "name" in sub:
             set_value(cfg, "loss.name", sub["name"], source)
+            keys.append("loss.name")
         for key, value in sub.items():
             if section == "loss" and key == "name":
                 continue
@@ -249,6 +265,8 @@ def apply_table(cfg: StudyConfig, table: dict[str, Any], source: str) -> None:
                 cfg.search.space.update(value)
                 continue
             set_value(cfg, f"{section}.{key}", value, source)
+            keys.append(f"{section}.{key}")
+    return keys
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,14 +298,15 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read: {e}") from None
 
 
-def _apply_study_file(cfg: StudyConfig, path: Path, seen: tuple[Path, ...] = ()) -> None:
+def _apply_study_file(cfg: StudyConfig, path: Path, seen: tuple[Path, ...] = ()) -> list[str]:
     if path in seen:
         raise ConfigError(f"{path}: `extends` cycle: {' -> '.join(map(str, seen + (path,)))}")
     table = read_toml(path)
     parent = table.get("extends")
+    keys = []
     if parent is not None:
-        _apply_study_file(cfg, study_path(parent), seen + (path,))
-    apply_table(cfg, table, str(path))
+        keys = _apply_study_file(cfg, study_path(parent), seen + (path,))
+    return keys + apply_table(cfg, table, str(path))
 
 
 def profile_path(name: str) -> Path:
@@ -306,18 +325,48 @@ def load_study(name: str, profile: str | None = None, overrides: list[str] = ())
     """Resolve a study: defaults <- study file (and what it extends) <- profile <- overrides."""
     cfg = StudyConfig()
     path = study_path(name)
-    _apply_study_file(cfg, path)
+    explicit = _apply_study_file(cfg, path)
     if not cfg.name:
         cfg.name = path.stem
     if profile:
-        apply_table(cfg, read_toml(profile_path(profile)), f"profile {profile}")
+        explicit += apply_table(cfg, read_toml(profile_path(profile)), f"profile {profile}")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.lr=1e-5")
         set_value(cfg, key.strip(), parse_cli_value(value.strip()) if value else value)
+        explicit.append(key.strip())
     validate(cfg)
+    _fix_explicit_search_keys(cfg, set(explicit))
     return cfg
+
+
+def searched_keys(cfg: StudyConfig) -> set[str]:
+    """Every key the search would vary: the loss's space for this data set, the loss-parameter
+    lr (losses with parameters) and the study's own `search.space` ranges."""
+    from losses.registry import get_loss_spec
+
+    spec = get_loss_spec(cfg.loss.name)
+    space = spec.space_for(cfg.data.dataset) if hasattr(spec, "space_for") else spec.search_space
+    keys = {f"loss.{k}" for k in space}
+    if spec.has_parameters:
+        keys.add("train.loss_lr")
+    keys |= {k for k, v in cfg.search.space.items() if v not in ("fixed", None, False)}
+    return keys
+
+
+def _fix_explicit_search_keys(cfg: StudyConfig, explicit: set[str]) -> None:
+    """A searched key given a value (study file, profile, --set) is fixed at that value: the
+    search must never silently override what the user set. A key that a study both sets and
+    lists as a range under [search.space] is ambiguous: refused."""
+    ranged = {k for k, v in cfg.search.space.items() if v not in ("fixed", None, False)}
+    both = sorted(explicit & ranged)
+    if both:
+        raise ConfigError(f"{', '.join(both)}: given a value AND a search range in "
+                          f"[search.space]; remove one (a value fixes the key, a range "
+                          f"searches it)")
+    fixed = explicit & searched_keys(cfg)
+    cfg.search.fixed = sorted(set(cfg.search.fixed) | fixed)
 
 
 def validate(cfg: StudyConfig) -> None:
@@ -330,7 +379,8 @@ def validate(cfg: StudyConfig) -> None:
         "train.optimizer": (t.optimizer, ("rmsprop", "adam", "adamw", "sgd")),
         "train.loss_optimizer": (t.loss_optimizer, ("rmsprop", "adam", "adamw", "sgd")),
         "model.pooling": (cfg.model.pooling, ("avg", "max", "avgmax")),
-        "search.sampler": (cfg.search.sampler, ("tpe", "random")),
+        "search.sampler": (cfg.search.sampler, ("gp", "tpe", "random")),
+        "train.sampler": (t.sampler, ("mlrc", "per_batch")),
         "search.pruner": (cfg.search.pruner, ("none", "median", "hyperband")),
     }
     for key, (value, allowed) in choices.items():

@@ -12,7 +12,7 @@ import torch
 from harness.config import StudyConfig
 from harness.datasets import DatasetSpec, Records, get_dataset, load_records
 from harness.errors import ConfigError
-from harness.sampler import SeededMPerClassSampler
+from harness.sampler import MLRCPassSampler, SeededMPerClassSampler
 from harness.splits import Fold, Split, make_split, query_gallery_indices, sample_indices
 from harness.image_cache import ResizedImages, build_or_open, resize_image
 from harness.transforms import BatchNormalize, UInt8Crop
@@ -126,11 +126,16 @@ def batch_transform(cfg: StudyConfig, device: torch.device, train: bool) -> Batc
 
 
 def train_loader(cfg: StudyConfig, data: PreparedData, indices: np.ndarray, seed: int,
-                 device: torch.device) -> tuple[torch.utils.data.DataLoader, SeededMPerClassSampler]:
+                 device: torch.device) -> tuple[torch.utils.data.DataLoader, torch.utils.data.Sampler]:
+    """The training loader of one fold; call `sampler.set_epoch(epoch)` before each epoch."""
     dataset = _dataset(cfg, data, indices, train=True)
-    sampler = SeededMPerClassSampler(dataset.labels, cfg.train.m_per_class,
-                                     cfg.train.batch_size,
-                                     cfg.train.iters_per_epoch * cfg.train.batch_size, seed)
+    t = cfg.train
+    if t.sampler == "mlrc":
+        sampler = MLRCPassSampler(dataset.labels, t.m_per_class, t.batch_size,
+                                  t.iters_per_epoch, seed)
+    else:
+        sampler = SeededMPerClassSampler(dataset.labels, t.m_per_class, t.batch_size,
+                                         t.iters_per_epoch * t.batch_size, seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train.batch_size,
                                          sampler=sampler, drop_last=True,
                                          **_loader_kwargs(cfg, device))

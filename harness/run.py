@@ -21,14 +21,10 @@ from harness import config as config_mod
 from harness.config import StudyConfig, load_study
 from harness.errors import ConfigError, HarnessError
 from harness.provenance import provenance, write_json
+from harness.run_folder import (RESUMABLE_KEYS, check_output_dir,  # noqa: F401 (re-exported)
+                                check_same_study, check_study_database)
 
 RESULTS_DIR = config_mod.STUDIES_DIR.parent / "results"
-# Keys that may change between invocations of one output folder: growing the budget resumes.
-RESUMABLE_KEYS = {("search", "trials"), ("final", "reproductions"), ("train", "device"),
-                  ("data", "root"), ("data", "num_workers"), ("data", "cache"),
-                  ("data", "cache_dir"), ("train", "eval_batch_size")}
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m harness.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -71,29 +67,6 @@ def output_dir(args: argparse.Namespace, cfg: StudyConfig) -> Path:
     return RESULTS_DIR / cfg.name
 
 
-def check_same_study(output: Path, cfg: StudyConfig) -> None:
-    """Refuse to mix two different configurations in one folder (results would be wrong)."""
-    path = output / "config.json"
-    if not path.exists():
-        return
-    old = json.loads(path.read_text())
-    new = cfg.to_dict()
-    diffs = []
-    for section, values in new.items():
-        if isinstance(values, dict):
-            for key, value in values.items():
-                if (section, key) in RESUMABLE_KEYS:
-                    continue
-                if old.get(section, {}).get(key) != value:
-                    diffs.append(f"{section}.{key}: {old.get(section, {}).get(key)!r} -> {value!r}")
-        elif old.get(section) != values:
-            diffs.append(f"{section}: {old.get(section)!r} -> {values!r}")
-    if diffs:
-        raise ConfigError(f"{output} holds a run of a different configuration "
-                          f"({'; '.join(diffs)}). Resume it with the same settings, or choose "
-                          f"another --output.")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -122,17 +95,19 @@ def run(args: argparse.Namespace) -> int:
     # Imported here so that `--list` and config errors answer without loading torch models.
     from harness.data import prepare_data, resolve_device
     from harness.retrain import retrain_and_test, summarize
-    from harness.storage import default_storage
+    from harness.storage import default_storage, sqlite_path
     from harness.search import (best_trial, config_for_params, run_search,
                                 write_search_summary)
     from harness.splits import write_manifest
 
     cfg = resolve_config(args)
     output = output_dir(args, cfg)
+    check_output_dir(output)
     check_same_study(output, cfg)
     output.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.train.device)
     storage = args.storage or default_storage(output)
+    check_study_database(sqlite_path(storage), output)
     with output_lock(output):  # several workers may share one output folder
         write_json(output / "config.json", cfg.to_dict())
         _log_invocation(output, device, storage)
@@ -151,12 +126,19 @@ def run(args: argparse.Namespace) -> int:
     from harness.search import open_study
 
     study = open_study(cfg, storage)
+    check_search_finished(study, cfg, output)
     summary = write_search_summary(study, output / "search_summary.json")
     best = best_trial(study)
     print(f"[{cfg.name}] best trial {best.number}: validation MAP@R {best.value:.4f} "
           f"params {best.params}")
+    if summary["diverged_trials"]:
+        print(f"[{cfg.name}] trials whose loss diverged (scored 0, as in MLRC): "
+              f"{summary['diverged_trials']}")
     best_cfg = config_for_params(cfg, best.params)
-    frame = retrain_and_test(best_cfg, data, output, device, best.params,
+    best_info = {"trial": best.number, "seed_number": best.user_attrs.get("seed_number",
+                                                                          best.number),
+                 "params": best.params, "value": best.value}
+    frame = retrain_and_test(best_cfg, data, output, device, best_info,
                              cfg.final.reproductions)
     untrained = _untrained_baseline(best_cfg, data, output, device)
     table = summarize(frame)
@@ -164,10 +146,30 @@ def run(args: argparse.Namespace) -> int:
     write_json(output / "final" / "summary.json", {
         "study": cfg.name, "dataset": cfg.data.dataset, "best_trial": summary["best_trial"],
         "best_val_map_at_r": summary["best_value"], "best_params": summary["best_params"],
+        "runs": sorted(int(r) for r in frame["reproduction"].unique()),
+        "diverged_trials": summary["diverged_trials"],
         "untrained": untrained, "summary": table.to_dict(orient="records"),
         "wall_time_s_this_invocation": time.time() - started})
     _print_summary(cfg, table, untrained)
     return 0
+
+
+def check_search_finished(study, cfg: StudyConfig, output: Path) -> None:
+    """The final stage tests the best of a finished search, never of a partial one."""
+    from optuna.trial import TrialState
+
+    from harness.storage import counted_trials
+
+    counted = counted_trials(study)
+    if counted == 0:
+        raise ConfigError(f"no search has run for study {cfg.name!r} in {output} yet: run "
+                          f"--stage search (or --stage all) first")
+    if counted < cfg.search.trials:
+        running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        raise ConfigError(f"the search of {cfg.name!r} is not finished: {counted} of "
+                          f"{cfg.search.trials} trials done, {running} running. Finish it "
+                          f"(--stage search or all), or test the best so far with --trials "
+                          f"{counted}")
 
 
 def output_lock(output: Path):
@@ -190,12 +192,13 @@ def _untrained_baseline(cfg: StudyConfig, data, output: Path, device) -> dict:
     random embedder): the floor that training must clearly beat."""
     from harness.models import build_model
     from harness.retrain import embed_test_set, test_metrics
+    from harness.seeds import UNTRAINED_STAGE, hash_seed
     from harness.train import seed_everything
 
     path = output / "final" / "untrained_metrics.json"
     if path.exists():
         return json.loads(path.read_text())
-    seed_everything(cfg.seed, 99)
+    seed_everything(hash_seed(cfg.seed, UNTRAINED_STAGE))
     m = cfg.model
     model = build_model(trunk=m.trunk, pretrained=m.pretrained, weights=m.weights,
                         pooling=m.pooling, layer_norm=m.layer_norm,

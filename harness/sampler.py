@@ -9,6 +9,7 @@ turns the asserts into errors that say what to change.
 from __future__ import annotations
 
 import numpy as np
+import torch
 from pytorch_metric_learning.samplers import MPerClassSampler
 from pytorch_metric_learning.utils import common_functions as pml_common
 
@@ -48,3 +49,79 @@ class SeededMPerClassSampler(MPerClassSampler):
             return super().__iter__()
         finally:
             pml_common.NUMPY_RANDOM = saved
+
+
+# MLRC's sampler list length: pml's MPerClassSampler default length_before_new_iter, which MLRC
+# did not change (powerful-benchmarker v0.9.33 configs/config_loss_and_miners/default.yaml:
+# `MPerClassSampler: m: 4`, no batch_size, no length).
+MLRC_LIST_LENGTH = 100_000
+
+
+class MLRCPassSampler(torch.utils.data.Sampler):
+    """MLRC's batches, epoch by epoch and resumable.
+
+    MLRC gives pml's MPerClassSampler no batch_size: each list it makes is a whole number of
+    passes (MLRC_LIST_LENGTH rounded down to a multiple of the pass length), and each pass
+    shuffles ALL classes and takes m images of each, so every class appears once per pass of
+    C*m/batch batches. A DataLoader (batch 32, drop_last) reads the list in order; its iterator
+    lives across epochs and a new list is made when one is used up (pml v0.9.92
+    trainers/base_trainer.py: `initialize_dataloader` once per `train()`, `get_batch` ->
+    `try_next_on_generator`). So batches straddle pass boundaries, and a class can appear in two
+    neighbouring batches.
+
+    Here the batch stream is the same, but list k is drawn from its own seed (seed, k), so any
+    epoch can be produced alone: epoch e (1-based) yields batches (e-1)*B .. e*B-1 of the
+    stream (B = iterations per epoch), which is what resuming a fold needs. pml's sampler
+    draws the lists (its global NumPy state swapped for the list's own, as in
+    SeededMPerClassSampler); what it lacks is a seed and the cross-epoch stream.
+    """
+
+    def __init__(self, labels: np.ndarray, m: int, batch_size: int, batches_per_epoch: int,
+                 seed: int, list_length: int = MLRC_LIST_LENGTH):
+        labels = np.asarray(labels)
+        classes = np.unique(labels)
+        if batch_size % m:
+            raise ConfigError(f"train.batch_size={batch_size} is not a multiple of "
+                              f"train.m_per_class={m}")
+        if len(classes) * m < batch_size:
+            raise ConfigError(f"the m-per-class sampler needs at least batch_size/m = "
+                              f"{batch_size // m} training classes, but this fold has "
+                              f"{len(classes)}; lower train.batch_size or use more classes")
+        self.pml = MPerClassSampler(labels, m, batch_size=None, length_before_new_iter=list_length)
+        self.class_order = sorted(self.pml.labels)  # reset before every list: deterministic
+        self.batch_size = batch_size
+        self.batches_per_epoch = batches_per_epoch
+        self.batches_per_list = len(self.pml) // batch_size  # DataLoader drop_last
+        if self.batches_per_list < 1:
+            raise ConfigError(f"a sampler list of {len(self.pml)} samples is shorter than one "
+                              f"batch ({batch_size})")
+        self.seed = seed
+        self.epoch = 1
+        self._cached: tuple[int, list[int]] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch * self.batch_size
+
+    def sampler_list(self, k: int) -> list[int]:
+        """List k of the stream (what pml's sampler returns when the loader restarts k times)."""
+        if self._cached is None or self._cached[0] != k:
+            saved = pml_common.NUMPY_RANDOM
+            pml_common.NUMPY_RANDOM = np.random.RandomState(
+                np.random.SeedSequence([self.seed, k]).generate_state(1)[0])
+            self.pml.labels = list(self.class_order)
+            try:
+                self._cached = (k, [int(i) for i in self.pml.__iter__()])
+            finally:
+                pml_common.NUMPY_RANDOM = saved
+        return self._cached[1]
+
+    def __iter__(self):
+        first = (self.epoch - 1) * self.batches_per_epoch
+        indices: list[int] = []
+        for g in range(first, first + self.batches_per_epoch):
+            k, b = divmod(g, self.batches_per_list)
+            indices += self.sampler_list(k)[b * self.batch_size:(b + 1) * self.batch_size]
+        return iter(indices)

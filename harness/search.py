@@ -45,8 +45,10 @@ from harness.config import StudyConfig, set_value
 from harness.data import PreparedData, dataset_defaults
 from harness.errors import ConfigError
 from harness.progress import bar
-from harness.seeds import trial_fold_seed
-from harness.storage import (COUNTED, RetryStaleTrial, open_storage_unlocked, retrying, counted_trials,
+from harness.seeds import SEARCH_STAGE, hash_seed, trial_fold_seed
+from harness.run_folder import claim_fold_dir, fingerprint, write_json_atomic
+from harness.storage import (COUNTED, MAX_RETRIES, RetryStaleTrial, open_storage_unlocked,
+                             retrying, counted_trials,
                              creation_lock, default_storage, fail_dead_local_trials,
                              heartbeat_seconds)
 from harness.train import train_fold
@@ -56,7 +58,15 @@ from losses.registry import SearchParam, get_loss_spec
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 WAIT_SECONDS = 2.0  # how often an idle worker looks at the study (finished? a trial to retry?)
-LOSS_LR_SPACE = SearchParam(kind="float", low=1e-6, high=1.0, log=True)  # MLRC proxy lr range
+# MLRC: the loss-parameter RMSprop lr is searched log-uniformly in [1e-6, 1]
+# (powerful-benchmarker v0.9.33 configs/config_optimizers/with_metric_loss_optimizer_bayes_opt.yaml:
+# `lr~LOG_BAYESIAN~: [0.000001, 1]`).
+LOSS_LR_SPACE = SearchParam(kind="float", low=1e-6, high=1.0, log=True)
+# Ax's default number of Sobol trials before GP-EI: max(5, number of parameters) (ax-platform
+# 0.1.13 ax/modelbridge/dispatch_utils.py, choose_generation_strategy; MLRC's setup.py does not
+# pin Ax, 0.1.13 is the release of MLRC's v0.9.33 tag date, 2020-09).
+AX_MIN_SOBOL_TRIALS = 5
+TPE_STARTUP_TRIALS = 10  # Optuna's TPESampler default
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,9 +98,13 @@ def _as_search_param(key: str, value: Any) -> SearchParam:
 
 
 def search_space(cfg: StudyConfig) -> dict[str, SearchParam]:
-    """Every searched key (dotted config path) and its range."""
+    """Every searched key (dotted config path) and its range: the loss's space for this data
+    set (losses/registry.py), the loss-parameter lr, the study's [search.space] additions, less
+    the keys fixed by a value (`search.fixed`, filled by load_study) or marked "fixed"."""
     spec = get_loss_spec(cfg.loss.name)
-    space: dict[str, SearchParam] = {f"loss.{k}": v for k, v in spec.search_space.items()}
+    registry = spec.space_for(cfg.data.dataset) if hasattr(spec, "space_for") \
+        else spec.search_space
+    space: dict[str, SearchParam] = {f"loss.{k}": v for k, v in registry.items()}
     if spec.has_parameters:
         space["train.loss_lr"] = LOSS_LR_SPACE
     for key, value in cfg.search.space.items():
@@ -98,6 +112,8 @@ def search_space(cfg: StudyConfig) -> dict[str, SearchParam]:
             space.pop(key, None)
         else:
             space[key] = _as_search_param(key, value)
+    for key in cfg.search.fixed:  # a value the user gave is used, never searched over
+        space.pop(key, None)
     for key in space:  # fail now, not in trial 37, when a key cannot be set
         set_value(copy.deepcopy(cfg), key, _example_value(space[key]), "search.space")
     return space
@@ -107,6 +123,14 @@ def _example_value(p: SearchParam):
     if p.kind == "categorical":
         return p.choices[0]
     return int(p.low) if p.kind == "int" else float(p.low)
+
+
+def distribution(p: SearchParam) -> optuna.distributions.BaseDistribution:
+    if p.kind == "float":
+        return optuna.distributions.FloatDistribution(p.low, p.high, log=p.log)
+    if p.kind == "int":
+        return optuna.distributions.IntDistribution(int(p.low), int(p.high), log=p.log)
+    return optuna.distributions.CategoricalDistribution(list(p.choices))
 
 
 def suggest(trial: optuna.Trial, p: SearchParam, name: str):
@@ -127,11 +151,102 @@ def config_for_params(cfg: StudyConfig, params: dict[str, Any]) -> StudyConfig:
 # --------------------------------------------------------------------------------------------
 # Storage and study
 # --------------------------------------------------------------------------------------------
-def make_sampler(cfg: StudyConfig) -> optuna.samplers.BaseSampler:
+def startup_trials(cfg: StudyConfig, n_dims: int) -> int:
+    """Quasi-random (gp) or random (tpe) trials before the model: search.n_startup_trials, or
+    with -1 Ax's rule for gp and Optuna's default for tpe."""
+    if cfg.search.n_startup_trials >= 0:
+        return cfg.search.n_startup_trials
+    if cfg.search.sampler == "gp":
+        return max(AX_MIN_SOBOL_TRIALS, n_dims)
+    return TPE_STARTUP_TRIALS
+
+
+def make_sampler(cfg: StudyConfig, space: dict[str, SearchParam]) -> optuna.samplers.BaseSampler:
+    """MLRC's search (default, "gp"): Ax's AxClient default generation strategy, Sobol trials
+    then GP-EI (powerful-benchmarker v0.9.33 runners/bayes_opt_runner.py `AxClient()`), here as
+    Optuna's scrambled-Sobol QMCSampler for the first trials, then Optuna's GPSampler (a GP with
+    log-EI). "tpe" and "random" are faster opt-ins. Every trial's random draws are seeded from
+    (seed, trial number): reproducible, and parallel workers never draw the same point."""
+    n_startup = startup_trials(cfg, len(space))
     if cfg.search.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=cfg.seed)
-    return optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=cfg.search.n_startup_trials,
-                                      constant_liar=True)
+        return TrialSeededSampler(optuna.samplers.RandomSampler(seed=cfg.seed), cfg.seed)
+    if cfg.search.sampler == "tpe":
+        return TrialSeededSampler(optuna.samplers.TPESampler(
+            seed=cfg.seed, n_startup_trials=n_startup, constant_liar=True), cfg.seed)
+    return SobolThenGPSampler(cfg.seed, n_startup, {k: distribution(p) for k, p in space.items()})
+
+
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """Wraps a sampler so that trial N's random draws come from a RandomState seeded with
+    (seed, N). Optuna seeds a sampler once per process: every worker process (and every rerun
+    after an interrupt) would otherwise start from the same state and draw the same
+    configurations. Optuna has no public per-trial seeding, so this reseeds the wrapped
+    samplers' `_rng` (LazyRandomState); tests/test_search_sampler.py pins that it works."""
+
+    def __init__(self, inner: optuna.samplers.BaseSampler, seed: int):
+        self.inner = inner
+        self.seed = seed
+
+    def before_trial(self, study, trial) -> None:
+        _reseed(self.inner, hash_seed(self.seed, SEARCH_STAGE, 7, trial.number))
+        self.inner.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self.inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self.inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self.inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:  # Optuna calls this in n_jobs > 1 threads; seeds stay ours
+        pass
+
+
+class SobolThenGPSampler(TrialSeededSampler):
+    """Trials numbered below `n_startup` take the next point of one scrambled Sobol sequence
+    (QMCSampler, seeded with the study seed so that every worker walks the same sequence;
+    Optuna hands out its indices through the storage), later trials the GP's proposal.
+    GPSampler alone would draw its start uniformly at random, not from a Sobol sequence."""
+
+    def __init__(self, seed: int, n_startup: int, distributions: dict):
+        gp = optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_startup,
+                                       deterministic_objective=False)
+        super().__init__(gp, seed)
+        self.sobol = optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=seed,
+                                                warn_independent_sampling=False)
+        self.n_startup = n_startup
+        # QMCSampler learns the space from a finished trial, so its trial 0 would be random;
+        # the harness knows the space up front.
+        self.distributions = distributions
+
+    def _phase(self, trial) -> optuna.samplers.BaseSampler:
+        return self.sobol if trial.number < self.n_startup else self.inner
+
+    def infer_relative_search_space(self, study, trial):
+        if trial.number < self.n_startup:
+            return dict(self.distributions)
+        return self.inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        with warnings.catch_warnings():  # scipy: Sobol balance needs 2^k points (Ax: same)
+            warnings.simplefilter("ignore", UserWarning)
+            return self._phase(trial).sample_relative(study, trial, search_space)
+
+
+def _reseed(sampler, seed: int) -> None:
+    """Seed `sampler` and the samplers it holds (TPE's random sampler, GP's independent one)."""
+    rng = getattr(sampler, "_rng", None)
+    if rng is not None and hasattr(rng, "rng"):
+        rng.rng.seed(seed)
+    for name in ("_random_sampler", "_independent_sampler"):
+        inner = getattr(sampler, name, None)
+        if inner is not None:
+            _reseed(inner, hash_seed(seed, 1))
 
 
 def fold_steps(cfg: StudyConfig) -> int:
@@ -165,9 +280,10 @@ def make_pruner(cfg: StudyConfig, val_every_epochs: int = 1) -> optuna.pruners.B
 
 def open_study(cfg: StudyConfig, storage_url: str, val_every_epochs: int = 1) -> optuna.Study:
     """Create the study, or load it when it exists; safe when many workers do it at once."""
+    space = search_space(cfg)
     def make() -> optuna.Study:
         return optuna.create_study(storage=storage, study_name=cfg.name, direction="maximize",
-                                   sampler=make_sampler(cfg),
+                                   sampler=make_sampler(cfg, space),
                                    pruner=make_pruner(cfg, val_every_epochs),
                                    load_if_exists=True)
 
@@ -241,9 +357,10 @@ def make_objective(cfg: StudyConfig, data: PreparedData, output: Path, device, s
 
                 spent["before"] = spent["iterations"]
                 fold_dir = run_dir / f"fold_{fold.index}"
+                seed = fold_seed(cfg, seed_number, fold.index)
+                claim_fold_dir(fold_dir, fingerprint(trial_cfg, seed), cfg.name)
                 try:
-                    result = train_fold(trial_cfg, data, fold, device,
-                                        seed=fold_seed(cfg, seed_number, fold.index),
+                    result = train_fold(trial_cfg, data, fold, device, seed=seed,
                                         run_dir=fold_dir, report=report,
                                         desc=f"trial {trial.number} fold {fold.index}")
                 except optuna.TrialPruned:
@@ -257,6 +374,16 @@ def make_objective(cfg: StudyConfig, data: PreparedData, output: Path, device, s
                 (fold_dir / "history.json").write_text(json.dumps(result.history, indent=1))
                 trial.set_user_attr("fold_results", done)
                 trial.set_user_attr("train_iterations", spent["iterations"])
+            if done[key]["stop"] == "diverged":
+                # MLRC scores a trial whose loss became NaN 0 and stops it (powerful-benchmarker
+                # v0.9.33 api_parsers/base_api_parser.py run_train_or_eval: "NaN" -> mean 0).
+                # It is never chosen as best while a finite trial exists (best_trial).
+                trial.set_user_attr("diverged", True)
+                trial.set_user_attr("fold_map_at_r", fold_values + [0.0])
+                print(f"[{cfg.name}] trial {trial.number}: the loss diverged (not finite) in "
+                      f"fold {fold.index}; trial scored 0 as in MLRC, params {params}",
+                      flush=True)
+                return 0.0
             fold_values.append(done[key]["map_at_r"])
             report_and_prune((k + 1) * per_fold, statistics.fmean(fold_values))
         mean = statistics.fmean(fold_values)
@@ -294,13 +421,18 @@ def run_search(cfg: StudyConfig, data: PreparedData, output: Path, storage_url: 
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = search_space(cfg)
+    if cfg.search.fixed:
+        print(f"[{cfg.name}] not searched (given a value): " + ", ".join(
+            f"{k}={_get(cfg, k)!r}" for k in cfg.search.fixed), flush=True)
     study = open_study(cfg, storage_url, dataset_defaults(cfg, data.spec)[0])
     objective = make_objective(cfg, data, output, device, space)
+    mine: list[int] = []  # trial ids this process started (to requeue on Ctrl-C)
 
     def guarded(trial: optuna.Trial) -> float:
         if _over_budget(study, trial, cfg.search.trials):
             trial.set_user_attr("surplus", True)
             raise SurplusTrial()
+        mine.append(trial._trial_id)
         return objective(trial)
 
     progress = bar(total=cfg.search.trials, initial=counted_trials(study), desc="search",
@@ -321,17 +453,50 @@ def run_search(cfg: StudyConfig, data: PreparedData, output: Path, storage_url: 
             # Other workers hold the rest of the budget: wait, in case one of them dies.
             time.sleep(min(heartbeat_seconds() / 3, WAIT_SECONDS))
             continue
-        study.optimize(guarded, n_trials=1, catch=(SurplusTrial,))
+        try:
+            study.optimize(guarded, n_trials=1, catch=(SurplusTrial,))
+        except KeyboardInterrupt:
+            requeue_interrupted(study, mine[-1:])
+            raise
     progress.close()
     return study
 
 
+def requeue_interrupted(study: optuna.Study, trial_ids: list[int]) -> None:
+    """Ctrl-C: Optuna has failed the running trial. Queue its retry exactly as for a killed
+    worker (same parameters, same seed, its finished folds kept), so that an interrupt loses
+    nothing and the trial is run again by the next invocation."""
+    for trial_id in trial_ids:
+        frozen = study._storage.get_trial(trial_id)
+        if frozen.state == TrialState.FAIL and not frozen.user_attrs.get("surplus"):
+            RetryStaleTrial(max_retry=MAX_RETRIES, inherit_intermediate_values=True)(
+                study, frozen)
+
+
+def _get(cfg: StudyConfig, key: str):
+    section, _, rest = key.partition(".")
+    if section == "loss":
+        from losses.registry import get_loss_spec as spec
+
+        return cfg.loss.params.get(rest, spec(cfg.loss.name).defaults.get(rest))
+    return getattr(getattr(cfg, section), rest)
+
+
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
+    """The complete trial with the highest validation MAP@R; a diverged trial (scored 0) only
+    when every complete trial diverged, which is an error: nothing can be retrained."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         raise ConfigError(f"study {study.study_name!r} has no complete trial to retrain "
                           f"(all pruned or failed); run more trials (--trials)")
-    return max(complete, key=lambda t: t.value)
+    finite = [t for t in complete if not t.user_attrs.get("diverged")
+              and t.value is not None and math.isfinite(t.value)]
+    if not finite:
+        raise ConfigError(f"study {study.study_name!r}: every complete trial diverged (loss "
+                          f"not finite; scored 0 as in MLRC), so there is no configuration to "
+                          f"retrain; check the search space and learning rates")
+    # Ties: the earliest trial (max keeps the first maximum).
+    return max(sorted(finite, key=lambda t: t.number), key=lambda t: t.value)
 
 
 def write_search_summary(study: optuna.Study, path: Path) -> dict:
@@ -341,10 +506,12 @@ def write_search_summary(study: optuna.Study, path: Path) -> dict:
         rows.append({"number": t.number, "state": t.state.name, "value": t.value,
                      "params": t.params, "fold_map_at_r": t.user_attrs.get("fold_map_at_r"),
                      "map_at_r_sem": t.user_attrs.get("map_at_r_sem"),
+                     "diverged": bool(t.user_attrs.get("diverged", False)),
                      "duration_s": t.duration.total_seconds() if t.duration else None})
     summary = {"study": study.study_name, "best_trial": best.number, "best_value": best.value,
                "best_params": best.params, "best_fold_map_at_r": best.user_attrs.get(
                    "fold_map_at_r"), "best_map_at_r_sem": best.user_attrs.get("map_at_r_sem"),
+               "diverged_trials": [r["number"] for r in rows if r["diverged"]],
                "trials": rows}
-    path.write_text(json.dumps(summary, indent=2))
+    write_json_atomic(path, summary)
     return summary

@@ -85,10 +85,17 @@ def test_whole_protocol_then_resume(tmp_path, glyph_root, monkeypatch):
     manifest = json.loads((out / "split_manifest.json").read_text())
     assert manifest  # written by harness.splits
     frame = pd.read_csv(out / "final" / "test_metrics.csv")
-    assert sorted(frame[frame["mode"] == "separated"]["fold"]) == [0, 1, 2, 3]
-    assert (frame["mode"] == "concatenated").sum() == 1
+    # MLRC: the best trial's own fold models (reproduction 0) + 1 retraining.
+    separated = frame[frame["mode"] == "separated"]
+    assert sorted(separated["fold"]) == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert (frame["mode"] == "concatenated").sum() == 2
+    assert set(frame[frame["reproduction"] == 0]["source"]) == {"best_trial"}
+    assert set(frame[frame["reproduction"] == 1]["source"]) == {"retrained"}
     assert frame[["precision_at_1", "map_at_r", "r_precision"]].notna().all().all()
     trials = load(out).get_trials()
+    best = max(trials, key=lambda t: t.value)
+    rep0 = separated[separated["reproduction"] == 0].sort_values("fold")
+    assert list(rep0["val_map_at_r"]) == pytest.approx(best.user_attrs["fold_map_at_r"])
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
     for t in trials:
         assert len(t.user_attrs["fold_map_at_r"]) == 4

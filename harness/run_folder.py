@@ -1,0 +1,160 @@
+"""Bookkeeping of a run folder, shared by `harness.run`, `harness.workers` and the stages.
+
+A run folder is reused: re-running a command resumes it, and several processes may share it.
+Everything reused must still belong to what the user asked for, so:
+  * `check_same_study` refuses a folder that holds another configuration;
+  * every fold folder (search trial or final reproduction) records the fingerprint of the
+    configuration and seed it trains (`owner.json`); a checkpoint left by another
+    configuration is never resumed (`claim_fold_dir`) nor tested (`fold_dir_owned_by`);
+  * the study database must be there and valid when the folder already holds a run
+    (`check_study_database`): an emptied database would silently start the search again;
+  * files are written atomically, under a name unique to the writing process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Any
+
+from harness.config import StudyConfig
+from harness.errors import ConfigError
+
+# Keys that may change between invocations of one output folder: they change neither the
+# search nor what a fold trains (growing the budget resumes; the data may move; the device and
+# loader settings only change speed).
+RESUMABLE_KEYS = {("search", "trials"), ("final", "reproductions"), ("train", "device"),
+                  ("data", "root"), ("data", "num_workers"), ("data", "cache"),
+                  ("data", "cache_dir"), ("train", "eval_batch_size")}
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON via a temporary file unique to this process, then rename: a reader never sees
+    a torn file, and two processes never share a temporary file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any | None:
+    """The JSON in `path`, or None when it is missing, unreadable or not valid JSON (files in a
+    run folder are untrusted: the caller treats None as "not done")."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def check_output_dir(output: Path) -> None:
+    """Fail now, with a clear message, when the run folder cannot be used."""
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"--output {output}: exists and is not a folder; give a folder path")
+    probe = output
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output {output}: {probe} is not writable; choose a folder you "
+                          f"can write to")
+
+
+def check_same_study(output: Path, cfg: StudyConfig) -> None:
+    """Refuse to mix two different configurations in one folder (results would be wrong)."""
+    path = output / "config.json"
+    if not path.exists():
+        return
+    old = read_json(path)
+    if not isinstance(old, dict):
+        raise ConfigError(f"{path} is not valid JSON: this run folder is damaged; move it "
+                          f"away or choose another --output")
+    diffs = []
+    for section, values in cfg.to_dict().items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                if (section, key) in RESUMABLE_KEYS:
+                    continue
+                before = old.get(section, {}).get(key) if isinstance(old.get(section), dict) \
+                    else None
+                if before != value:
+                    diffs.append(f"{section}.{key}: {before!r} -> {value!r}")
+        elif old.get(section) != values:
+            diffs.append(f"{section}: {old.get(section)!r} -> {values!r}")
+    if diffs:
+        raise ConfigError(f"{output} holds a run of a different configuration "
+                          f"({'; '.join(diffs)}). Resume it with the same settings, or choose "
+                          f"another --output.")
+
+
+def check_study_database(storage_path: Path | None, output: Path) -> None:
+    """A SQLite study file that is empty or not SQLite, or missing while the folder already
+    holds search trials, would silently start a new search over the old trial folders."""
+    if storage_path is None:
+        return
+    if storage_path.exists():
+        with open(storage_path, "rb") as f:
+            header = f.read(len(SQLITE_HEADER))
+        if header != SQLITE_HEADER:
+            what = "empty (0 bytes)" if not header else "not a SQLite database"
+            raise ConfigError(f"{storage_path} is {what}: the study's trials are lost or the "
+                              f"file is damaged. Restore it, or move the run folder away to "
+                              f"start a new search")
+    elif any((output / "trials").glob("trial_*")):
+        raise ConfigError(f"{output} holds search trials (trials/) but no study database "
+                          f"{storage_path.name}: restore it, or move the run folder away to "
+                          f"start a new search")
+
+
+# --------------------------------------------------------------------------------------------
+# Fold folders
+# --------------------------------------------------------------------------------------------
+def fingerprint(cfg: StudyConfig, seed: int) -> str:
+    """What a fold trains: the configuration (less the keys that do not change training) and its
+    seed. Two fold runs with the same fingerprint train the same model."""
+    d = cfg.to_dict()
+    for section, key in RESUMABLE_KEYS:
+        d.get(section, {}).pop(key, None)
+    d.pop("description", None)
+    d["search"].pop("fixed", None)  # how a value was chosen does not change what trains
+    text = json.dumps({"config": d, "seed": int(seed)}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+OWNER_FILE = "owner.json"
+FOLD_FILES = ("last.pt", "best.pt", "history.json", "result.json", "test_embeddings.npz")
+
+
+def fold_dir_owned_by(fold_dir: Path, print_: str) -> bool:
+    owner = read_json(fold_dir / OWNER_FILE)
+    return isinstance(owner, dict) and owner.get("fingerprint") == print_
+
+
+def claim_fold_dir(fold_dir: Path, print_: str, label: str) -> None:
+    """Make `fold_dir` the home of the fold run `print_`. Work left there by another
+    configuration (another study's trial folder, a database that was replaced) is removed, not
+    resumed: resuming it would mix two configurations silently."""
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    if not fold_dir_owned_by(fold_dir, print_):
+        stale = [name for name in FOLD_FILES if (fold_dir / name).exists()]
+        if stale:
+            print(f"[{label}] {fold_dir}: {', '.join(stale)} belong to another configuration or "
+                  f"seed: discarded, this fold trains from scratch", flush=True)
+            for name in stale:
+                (fold_dir / name).unlink()
+        write_json_atomic(fold_dir / OWNER_FILE, {"fingerprint": print_})
+
+
+def move_aside(path: Path, parent: Path, stem: str) -> Path:
+    """Move `path` to parent/stem (or stem_2, stem_3, ...): kept, never deleted."""
+    parent.mkdir(parents=True, exist_ok=True)
+    target = parent / stem
+    k = 2
+    while target.exists():
+        target = parent / f"{stem}_{k}"
+        k += 1
+    shutil.move(str(path), str(target))
+    return target
