@@ -7,6 +7,7 @@ proxies in an nn.Parameter `proxies` (num_classes, embedding_size) to give to th
 * ProxyAnchorLoss       (losses/proxy_anchor.py)   Proxy Anchor, Kim et al. 2020
 * ProxySynthesisLoss    (losses/proxy_synthesis.py) Proxy Synthesis, Gu et al. 2021 (a wrapper)
 * ProxyISALoss          (losses/proxy_isa.py)      Proxy-ISA, Li et al. 2022
+* ProxyNCALogSoftmaxLoss (losses/proxy_nca_log_softmax.py) pml's ProxyNCA without underflow
 * SparseCentersRegularizer (losses/sparse_centers_regularizer.py) SoftTriple's center
   regulariser with O(C K^2) memory
 * losses/registry.py: names -> builders, defaults and search spaces for the harness.
@@ -14,18 +15,21 @@ proxies in an nn.Parameter `proxies` (num_classes, embedding_size) to give to th
 
 from .proxy_anchor import ProxyAnchorLoss
 from .proxy_isa import ProxyISALoss
+from .proxy_nca_log_softmax import ProxyNCALogSoftmaxLoss
 from .proxy_nca_pp import ProxyNCAPlusPlusLoss
 from .proxy_synthesis import ProxySynthesisLoss
-from .registry import LOSSES, LossSpec, SearchParam, build_loss, get_loss_spec
+from .registry import LOSSES, FixedParam, LossSpec, SearchParam, build_loss, get_loss_spec
 from .sparse_centers_regularizer import SparseCentersRegularizer
 
 __all__ = [
     "ProxyAnchorLoss",
     "ProxyISALoss",
+    "ProxyNCALogSoftmaxLoss",
     "ProxyNCAPlusPlusLoss",
     "ProxySynthesisLoss",
     "SparseCentersRegularizer",
     "LOSSES",
+    "FixedParam",
     "LossSpec",
     "SearchParam",
     "build_loss",

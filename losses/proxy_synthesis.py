@@ -13,16 +13,22 @@ A wrapper around a proxy loss. Per call, as the official `proxy_synthesis` funct
   5. Run the base loss on [embeddings; e~] with labels [y; C..C+n-1] and proxies [P; p~]: real
      samples see the synthetic proxies as negatives and vice versa.
 
-Pairing (the official code pairs i with i-1 and relies on its loader to put different classes
-side by side; an m-per-class sampler puts SAME-class samples side by side). Ours, independent of
-the batch order: sort the batch by label (stable) and pair the sample at sorted position t with
-the one at (t + m) mod B, m = the size of the largest class in the batch. A class occupies a
-contiguous run of at most m sorted positions, and the partner is m (or B - m >= m when it wraps)
-positions away, so when m <= B / 2 every pair has different labels and, as with the official
-roll, every sample is an anchor once and a partner once. When one class holds more than half of
-the batch (m > B / 2) the anchors of that class whose partner would share their label get, round
-robin, partners from the other classes instead. A batch with a single class (or a single sample)
-cannot make a different-class pair: the call then returns the base loss unchanged.
+Pairing (the official code pairs i with i-1 and relies on its loader, n_instance=1, to put
+different classes side by side, so every synthetic point gets its own (class, partner class)
+pair). An m-per-class sampler delivers m samples per class, and pairing whole classes (all m
+samples of class a with class b) makes the synthetic proxies of a batch only B/m distinct
+vectors copied under m labels each: each synthetic row then has m identical "negatives" of its
+own (loss floor log m under a softmax base) and every synthetic negative counts m times. Ours,
+`different_class_partners`, independent of the batch order: put the K classes of the batch on a
+cycle (in an order drawn from the loss's RNG, so no fixed label neighbourhood is favoured), and
+give the t-th sample (batch order) of a class the class 1 + (t mod (K - 1)) steps ahead on the
+cycle; the partner sample is taken round robin among that class's samples. So a class with n
+samples gets min(n, K - 1) distinct partner classes - the most any pairing can give - never its
+own class, and MLRC's 8 x 4 batch gets 32 distinct ordered pairs, every sample being a partner
+exactly once, as with the official roll. A batch with a single class (or a single sample) has no
+different-class pair: the call then returns the base loss unchanged, counts it in
+`num_unsynthesised_batches` and warns once (an m-per-class sampler never yields one unless the
+data set has a single class).
 
 Base losses (an adapter per type says where the class weights live, how to read them as
 (C, K, D) "rows" - K centers per class - and which attributes hold the class count, which are
@@ -40,16 +46,22 @@ enlarged one, so gradients reach the real parameter through both its real and sy
 
 Choices and differences from the official code:
   * Pairing: described above (official: neighbour i-1 in loader order).
-  * lambda: drawn from a torch.Generator (CPU) with a Marsaglia-Tsang Gamma sampler (lambda =
-    G1 / (G1 + G2)), not numpy's global RNG. `generator` = an int seed, a torch.Generator, or
-    None (seeded once from torch's global RNG, so torch.manual_seed makes runs repeatable). Its
-    state is saved in state_dict (extra state). The last draw is in `last_lambda`.
+  * lambda: numpy's Beta sampler on the loss's own numpy Generator (`Generator.beta`), not
+    numpy's global RNG (official `np.random.beta`). `generator` = an int seed, a
+    numpy.random.Generator, or None (seeded once from torch's global RNG, so torch.manual_seed
+    makes runs repeatable). The same Generator orders the classes for the pairing. Its state is
+    saved in state_dict (extra state; plain dicts and ints, loadable with weights_only=True).
+    The last draw is in `last_lambda`, the last partners in `last_partners`.
+  * distance / reducer: the base loss computes and reduces the value, so the wrapper refuses
+    its own `distance=` / `reducer=` (ValueError: give them to the base loss).
+    `embedding_regularizer` is honoured (on the real embeddings).
   * Real rows are passed to the base as they are (the base L2-normalises them itself); the
     synthetic rows are normalised. For every supported base this equals the official call on
     normalised inputs; it is also why losses that use the norms (SphereFace / plain
     LargeMarginSoftmax) are not supported.
-  * mu = 0 (or n = 0), fewer than 2 classes in the batch, or eval mode: the base loss is called
-    directly (exactly the wrapped loss). Official: no synthesis when mu = 0; it has no eval path.
+  * mu = 0 (or n = 0), fewer than 2 classes in the batch (warned, counted), or eval mode: the
+    base loss is called directly (exactly the wrapped loss). Official: no synthesis when
+    mu = 0; it has no eval path.
   * The base's weight regulariser (e.g. SoftTriple's) sees the real class weights only: it is
     a property of the base's parameters, not of the synthetic classes.
   * Miner indices_tuple are passed through; they refer to the real samples (pml gives samples
@@ -60,11 +72,13 @@ Choices and differences from the official code:
 
 from __future__ import annotations
 
-import math
+import copy
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pytorch_metric_learning import losses as pml_losses
@@ -189,68 +203,59 @@ def _enlarged(base, adapter: ProxyAdapter, num_classes: int, real_param: torch.T
 # -------------------------------------------------------------------------------------------
 # Pairing and lambda
 # -------------------------------------------------------------------------------------------
-def different_class_partners(labels: torch.Tensor) -> torch.Tensor | None:
-    """For each sample i a partner j(i) with labels[j] != labels[i]; None if < 2 classes.
+def different_class_partners(labels: torch.Tensor,
+                             rng: np.random.Generator | None = None) -> torch.Tensor | None:
+    """For each sample i a partner j(i) of a different class; None if the batch has < 2 classes.
 
-    Sorted-roll pairing (module docstring): a permutation when no class has more than half of the
-    batch, with a round-robin fix for the majority class otherwise.
+    Class-cycle pairing (module docstring): the t-th sample of a class (batch order) is paired
+    with the class 1 + (t mod (K - 1)) steps ahead on a cycle of the batch's K classes, partner
+    samples taken round robin within each class. Maximises the number of distinct ordered
+    (class, partner class) pairs: sum over classes of min(count, K - 1). The cycle follows the
+    sorted labels, or an order drawn from `rng` (one permutation draw) when given.
     """
-    n = labels.numel()
-    if n < 2:
+    y = labels.detach().cpu().numpy()
+    classes, cls, counts = np.unique(y, return_inverse=True, return_counts=True)
+    num_classes = classes.size
+    if num_classes < 2:
         return None
-    order = torch.argsort(labels, stable=True)
-    classes, counts = torch.unique_consecutive(labels[order], return_counts=True)
-    if classes.numel() < 2:
-        return None
-    shift = int(counts.max())
-    partner = torch.empty_like(order)
-    partner[order] = order[(torch.arange(n, device=labels.device) + shift) % n]
-    if 2 * shift > n:  # a majority class: some of its samples point into itself
-        clash = (labels[partner] == labels).nonzero().squeeze(1)
-        majority = classes[counts.argmax()]
-        others = (labels != majority).nonzero().squeeze(1)
-        partner[clash] = others[torch.arange(clash.numel(), device=labels.device) % others.numel()]
-    return partner
+    cycle = rng.permutation(num_classes) if rng is not None else np.arange(num_classes)
+    position = np.empty(num_classes, dtype=np.int64)
+    position[cycle] = np.arange(num_classes)
+    by_class = np.argsort(cls, kind="stable")  # sample indices grouped by class, batch order
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])  # where each class starts in by_class
+    nth = _rank_within_groups(cls, by_class, first, counts)  # t: index of i among its class
+    steps = 1 + nth % (num_classes - 1)
+    partner_cls = cycle[(position[cls] + steps) % num_classes]
+    # round robin: the q-th request (batch order) to class c gets c's sample q mod count_c
+    requests = np.bincount(partner_cls, minlength=num_classes)
+    request_first = np.concatenate([[0], np.cumsum(requests)[:-1]])
+    q = _rank_within_groups(partner_cls, np.argsort(partner_cls, kind="stable"), request_first,
+                            requests)
+    partner = by_class[first[partner_cls] + q % counts[partner_cls]]
+    return torch.as_tensor(partner, dtype=torch.long, device=labels.device)
 
 
-def _log_gamma_sample(shape: float, generator: torch.Generator) -> float:
-    """log of one Gamma(shape, 1) draw (Marsaglia & Tsang 2000), using only `generator`."""
-
-    def uniform() -> float:  # in (0, 1): log() below never sees 0
-        return max(torch.rand((), generator=generator, dtype=torch.float64).item(), 1e-300)
-
-    boost = 0.0
-    if shape < 1.0:  # Gamma(a) = Gamma(a + 1) * U^(1/a)
-        boost = math.log(uniform()) / shape
-        shape += 1.0
-    d = shape - 1.0 / 3.0
-    c = 1.0 / math.sqrt(9.0 * d)
-    while True:
-        x = torch.randn((), generator=generator, dtype=torch.float64).item()
-        v = (1.0 + c * x) ** 3
-        if v <= 0.0:
-            continue
-        if math.log(uniform()) < 0.5 * x * x + d - d * v + d * math.log(v):
-            return math.log(d * v) + boost
+def _rank_within_groups(group, grouped_order, group_first, group_sizes) -> np.ndarray:
+    """For each element, its index among the elements of its group (in `grouped_order`)."""
+    rank = np.empty(group.size, dtype=np.int64)
+    rank[grouped_order] = np.arange(group.size) - np.repeat(group_first, group_sizes)
+    return rank
 
 
-def sample_beta(alpha: float, generator: torch.Generator) -> float:
-    """One Beta(alpha, alpha) draw, G1 / (G1 + G2), computed from log-Gammas (no underflow)."""
-    diff = _log_gamma_sample(alpha, generator) - _log_gamma_sample(alpha, generator)
-    return 0.5 * (1.0 + math.tanh(0.5 * diff))  # = 1 / (1 + exp(-diff))
+def sample_beta(alpha: float, rng: np.random.Generator) -> float:
+    """One Beta(alpha, alpha) draw from `rng` (numpy's sampler)."""
+    return float(rng.beta(alpha, alpha))
 
 
-def _make_generator(generator) -> torch.Generator:
-    if isinstance(generator, torch.Generator):
-        if generator.device.type != "cpu":
-            raise ValueError("ProxySynthesisLoss: the generator must be a CPU torch.Generator")
+def _make_generator(generator) -> np.random.Generator:
+    if isinstance(generator, np.random.Generator):
         return generator
     if generator is None:  # follow torch's global seed (torch.manual_seed -> repeatable)
         generator = int(torch.randint(0, 2**62, (), dtype=torch.int64))
-    if isinstance(generator, bool) or not isinstance(generator, int):
+    if isinstance(generator, bool) or not isinstance(generator, (int, np.integer)):
         raise TypeError(f"ProxySynthesisLoss: generator must be None, an int seed or a "
-                        f"torch.Generator, got {generator!r}")
-    return torch.Generator(device="cpu").manual_seed(generator)
+                        f"numpy.random.Generator, got {generator!r}")
+    return np.random.default_rng(int(generator))
 
 
 # -------------------------------------------------------------------------------------------
@@ -263,11 +268,19 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
         base_loss: the wrapped proxy loss (a submodule: its proxies are this loss's parameters).
         alpha: Beta(alpha, alpha) parameter of lambda (official 0.4).
         mu: synthetics per batch sample, 0 <= mu <= 1 (official 1.0).
-        generator: int seed, CPU torch.Generator, or None (seeded from torch's global RNG).
-        **kwargs: pml's (reducer, embedding_regularizer, ...) applied around the base's value.
+        generator: int seed, numpy.random.Generator, or None (seeded from torch's global RNG).
+        **kwargs: pml's embedding_regularizer / embedding_reg_weight / collect_stats. Not
+            distance or reducer: the base loss computes and reduces the value (ValueError).
     """
 
     def __init__(self, base_loss, alpha=0.4, mu=1.0, generator=None, **kwargs):
+        refused = sorted(k for k in ("distance", "reducer") if kwargs.get(k) is not None)
+        if refused:
+            raise ValueError(
+                f"ProxySynthesisLoss: {' and '.join(refused)} would be ignored - the wrapped "
+                f"{type(base_loss).__name__} computes and reduces the loss. Give "
+                f"{', '.join(f'{k}=' for k in refused)} to the base loss instead, e.g. "
+                f"ProxySynthesisLoss({type(base_loss).__name__}(..., {refused[0]}=...)).")
         super().__init__(**kwargs)
         self.adapter = adapter_for(base_loss)
         if not alpha > 0:
@@ -280,14 +293,21 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
         self.generator = _make_generator(generator)
         self.last_lambda: float | None = None
         self.last_partners: torch.Tensor | None = None
+        self.num_unsynthesised_batches = 0  # training batches with < 2 classes (no pair)
         self.add_to_recordable_attributes(list_of_names=["alpha", "mu"], is_stat=False)
 
     # The generator's state travels with state_dict, so a resumed run draws the same lambdas.
     def get_extra_state(self):
-        return {"generator_state": self.generator.get_state()}
+        # numpy's bit-generator state: a dict of str and int (torch.load(weights_only=True) ok)
+        return {"numpy_generator_state": copy.deepcopy(self.generator.bit_generator.state)}
 
     def set_extra_state(self, state):
-        self.generator.set_state(state["generator_state"])
+        if "numpy_generator_state" not in state:
+            raise ValueError(
+                "ProxySynthesisLoss: this state_dict holds no numpy generator state (keys "
+                f"{sorted(state)}); it was saved by an older version whose lambdas came from a "
+                "torch.Generator and cannot be continued. Start the loss from a fresh seed.")
+        self.generator.bit_generator.state = copy.deepcopy(state["numpy_generator_state"])
 
     def set_epoch(self, epoch: int) -> None:
         if hasattr(self.base_loss, "set_epoch"):
@@ -310,7 +330,11 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
         check_labels(labels, num_classes, type(self).__name__)
 
         n_syn = self.num_synthetic(labels.numel())
-        partners = different_class_partners(labels) if (n_syn > 0 and self.training) else None
+        partners = None
+        if n_syn > 0 and self.training:
+            partners = different_class_partners(labels, self.generator)
+            if partners is None:
+                self._note_single_class_batch(labels)
         self.last_partners = partners
         if partners is None:
             self.last_lambda = None
@@ -337,6 +361,15 @@ class ProxySynthesisLoss(BaseMetricLossFunction):
                 kwargs={"indices_tuple": indices_tuple},
             )
         return self._as_loss_dict(value)
+
+    def _note_single_class_batch(self, labels):
+        self.num_unsynthesised_batches += 1
+        if self.num_unsynthesised_batches == 1:
+            warnings.warn(
+                f"ProxySynthesisLoss: a training batch of {labels.numel()} sample(s) has a "
+                f"single class, so no different-class pair exists; this batch gets the base "
+                f"loss without synthetics. Counted in num_unsynthesised_batches; warned once.",
+                RuntimeWarning, stacklevel=4)
 
     @staticmethod
     def _as_loss_dict(value):

@@ -2,13 +2,19 @@
 
 import copy
 import io
+import itertools
 
+import numpy as np
 import pytest
 import scipy.stats
 import torch
+from pytorch_metric_learning import distances as pml_distances
 from pytorch_metric_learning import losses as pml_losses
+from pytorch_metric_learning import reducers as pml_reducers
+from pytorch_metric_learning import regularizers as pml_regularizers
 
-from losses import ProxyAnchorLoss, ProxyISALoss, ProxyNCAPlusPlusLoss, ProxySynthesisLoss
+from losses import ProxyAnchorLoss, ProxyISALoss, ProxyNCALogSoftmaxLoss, ProxyNCAPlusPlusLoss
+from losses import ProxySynthesisLoss
 from losses import SparseCentersRegularizer
 from losses.proxy_synthesis import different_class_partners, sample_beta
 from test_losses import (
@@ -20,6 +26,8 @@ C, D = 10, 16
 # Every supported base: (factory(num_classes), name of the class-weight parameter, centers/class)
 BASES = {
     "pml_proxy_nca": (lambda c: pml_losses.ProxyNCALoss(c, D, softmax_scale=9.0), "proxies", 1),
+    "proxy_nca_log_softmax": (lambda c: ProxyNCALogSoftmaxLoss(c, D, softmax_scale=9.0),
+                              "proxies", 1),
     "proxy_nca_pp": (lambda c: ProxyNCAPlusPlusLoss(c, D), "proxies", 1),
     "pml_normalized_softmax": (lambda c: pml_losses.NormalizedSoftmaxLoss(c, D), "W", 1),
     "pml_cosface": (lambda c: pml_losses.CosFaceLoss(c, D), "W", 1),
@@ -63,36 +71,108 @@ def synthesise(X, labels, rows, lam, partners, n):
 # -------------------------------------------------------------------------------------------
 # Pairing
 # -------------------------------------------------------------------------------------------
-def test_pairs_of_an_m_per_class_batch_have_different_labels():
-    labels = m_per_class_labels([0, 1, 2, 3, 4, 5, 6, 7], 4)  # MLRC's 8 x 4
-    partners = different_class_partners(labels)
-    assert (labels[partners] != labels).all()
-    assert sorted(partners.tolist()) == list(range(len(labels)))  # every sample used once
+def distinct_pairs(labels, partners):
+    return set(zip(labels.tolist(), labels[partners].tolist()))
 
 
-def test_pairs_of_random_batches_have_different_labels():
-    g = torch.Generator().manual_seed(0)
-    for _ in range(300):
-        n = int(torch.randint(2, 40, (), generator=g))
-        labels = torch.randint(0, int(torch.randint(2, 8, (), generator=g)), (n,), generator=g)
-        if len(set(labels.tolist())) < 2:
-            assert different_class_partners(labels) is None
-            continue
-        partners = different_class_partners(labels)
-        assert (labels[partners] != labels).all()
-        if 2 * max(labels.tolist().count(c) for c in set(labels.tolist())) <= n:
-            assert sorted(partners.tolist()) == list(range(n))
+def most_distinct_pairs(labels):
+    """Upper bound of distinct ordered (class, partner class) pairs: a class with n samples can
+    pair with at most min(n, K - 1) other classes."""
+    counts = [labels.tolist().count(c) for c in set(labels.tolist())]
+    return sum(min(n, len(counts) - 1) for n in counts)
 
 
-def test_majority_class_still_pairs_with_other_classes():
+def check_pairing(labels, partners):
+    assert partners.shape == labels.shape and partners.dtype == torch.long
+    assert (labels[partners] != labels).all(), "a same-class partner"
+    assert len(distinct_pairs(labels, partners)) == most_distinct_pairs(labels)
+
+
+@pytest.mark.parametrize("order", ["class-blocks", "interleaved", "shuffled"])
+@pytest.mark.parametrize("seeded", [False, True])
+def test_mlrc_batch_gets_32_distinct_class_pairs(order, seeded):
+    """8 classes x 4 in any order: 32 distinct ordered (class, partner) pairs (the old pairing,
+    class block to class block, gave 8), every sample a partner exactly once."""
+    labels = m_per_class_labels([3, 17, 20, 41, 42, 55, 60, 73], 4)
+    if order == "interleaved":
+        labels = labels.reshape(8, 4).t().reshape(-1)
+    elif order == "shuffled":
+        labels = labels[torch.randperm(32, generator=torch.Generator().manual_seed(1))]
+    partners = different_class_partners(labels, np.random.default_rng(0) if seeded else None)
+    check_pairing(labels, partners)
+    assert len(distinct_pairs(labels, partners)) == 32
+    assert sorted(partners.tolist()) == list(range(32))
+
+
+def random_layout(rng: np.random.Generator):
+    """Labels of a random batch: 2-9 classes of 1-9 samples each (MLRC's pass-based sampler can
+    put 5+ samples of a class, or fewer than 4, in one batch), in a random order."""
+    num_classes = int(rng.integers(2, 10))
+    classes = rng.choice(1000, num_classes, replace=False)
+    labels = np.repeat(classes, rng.integers(1, 10, num_classes))
+    return torch.as_tensor(rng.permutation(labels))
+
+
+def test_pairing_properties_over_random_layouts_and_orders():
+    rng = np.random.default_rng(123)
+    for trial in range(400):
+        labels = random_layout(rng)
+        check_pairing(labels, different_class_partners(labels))
+        check_pairing(labels, different_class_partners(labels, np.random.default_rng(trial)))
+
+
+def test_majority_class_pairs_with_every_other_class():
     labels = torch.tensor([3, 3, 3, 3, 3, 3, 1, 5])
     partners = different_class_partners(labels)
-    assert (labels[partners] != labels).all()
+    check_pairing(labels, partners)
+    assert {b for a, b in distinct_pairs(labels, partners) if a == 3} == {1, 5}
+
+
+def test_pairing_is_deterministic_given_the_rng_state():
+    rng = np.random.default_rng(5)
+    labels = random_layout(rng)
+    state = copy.deepcopy(rng.bit_generator.state)
+    first = [different_class_partners(labels, rng) for _ in range(5)]
+    rng.bit_generator.state = state
+    again = [different_class_partners(labels, rng) for _ in range(5)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert len({tuple(p.tolist()) for p in first}) > 1  # the rng does vary the class cycle
 
 
 def test_no_pairs_without_two_classes():
     assert different_class_partners(torch.tensor([2, 2, 2])) is None
     assert different_class_partners(torch.tensor([2])) is None
+    assert different_class_partners(torch.tensor([2, 2]), np.random.default_rng(0)) is None
+
+
+def test_all_pairs_on_every_label_set_of_a_small_batch():
+    """Exhaustive: every labelling of 6 samples with up to 4 classes, every order."""
+    for labels in itertools.product(range(4), repeat=6):
+        labels = torch.tensor(labels)
+        partners = different_class_partners(labels)
+        if len(set(labels.tolist())) < 2:
+            assert partners is None
+        else:
+            check_pairing(labels, partners)
+
+
+def test_synthetic_proxies_are_distinct_under_mlrc_batches():
+    """The defect the pairing fixes: with class-to-class pairs the 32 synthetic proxies were 8
+    distinct vectors under 4 labels each."""
+    torch.manual_seed(0)
+    base = pml_losses.NormalizedSoftmaxLoss(C + 30, D)
+    loss = ProxySynthesisLoss(base, generator=0)
+    labels = m_per_class_labels(list(range(0, 40, 5)), 4)
+    loss(torch.randn(32, D), labels)
+    rows = base.W.detach().t()
+    lam, mates = loss.last_lambda, loss.last_partners
+    syn = torch.nn.functional.normalize(lam * unit_rows(rows[labels]) +
+                                        (1 - lam) * unit_rows(rows[labels[mates]]), dim=1)
+    assert len({tuple(v.round(decimals=5).tolist()) for v in syn}) == 32
+
+
+def unit_rows(m):
+    return torch.nn.functional.normalize(m, dim=1)
 
 
 # -------------------------------------------------------------------------------------------
@@ -100,10 +180,21 @@ def test_no_pairs_without_two_classes():
 # -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("alpha", [0.4, 2.0])
 def test_lambda_follows_beta_distribution(alpha):
-    g = torch.Generator().manual_seed(123)
-    draws = [sample_beta(alpha, g) for _ in range(3000)]
+    rng = np.random.default_rng(123)
+    draws = [sample_beta(alpha, rng) for _ in range(3000)]
     assert all(0.0 <= d <= 1.0 for d in draws)
     assert scipy.stats.kstest(draws, scipy.stats.beta(alpha, alpha).cdf).pvalue > 1e-3
+
+
+def test_lambdas_are_numpy_beta_draws_of_the_seeded_generator():
+    """Per call: one permutation draw for the class cycle, then one Beta(alpha, alpha) draw."""
+    labels = m_per_class_labels([1, 2, 3], 4)
+    loss = ProxySynthesisLoss(ProxyAnchorLoss(C, D), alpha=0.7, generator=42)
+    twin = np.random.default_rng(42)
+    for _ in range(4):
+        loss(torch.randn(12, D), labels)
+        twin.permutation(3)
+        assert loss.last_lambda == float(twin.beta(0.7, 0.7))
 
 
 def _ps_value(seed, base=None, mu=1.0):
@@ -129,17 +220,39 @@ def test_default_generator_follows_torch_manual_seed():
     assert torch.equal(v1, v2)
 
 
-def test_generator_state_is_in_state_dict():
+def test_generator_state_round_trips_through_weights_only_load():
+    """A restored loss draws the same lambdas and pairs as the original would have."""
     loss, _ = _ps_value(3)
     buffer = io.BytesIO()
     torch.save(loss.state_dict(), buffer)
-    labels = m_per_class_labels([1, 2, 3], 4)
-    x = torch.randn(12, D)
-    expected = loss(x, labels)
+    labels = m_per_class_labels([1, 2, 3, 4, 5, 6, 7, 8], 4)
+    xs = [torch.randn(32, D, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    expected = []
+    for x in xs:
+        value = loss(x, labels)
+        expected.append((value, loss.last_lambda, loss.last_partners))
     buffer.seek(0)
     fresh = ProxySynthesisLoss(ProxyAnchorLoss(C, D), generator=99)
-    fresh.load_state_dict(torch.load(buffer))
-    assert torch.equal(fresh(x, labels), expected)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    for x, (value, lam, partners) in zip(xs, expected):
+        assert torch.equal(fresh(x, labels), value)
+        assert fresh.last_lambda == lam and torch.equal(fresh.last_partners, partners)
+
+
+def test_old_torch_generator_state_is_a_clear_error():
+    loss = ProxySynthesisLoss(ProxyAnchorLoss(C, D), generator=0)
+    state = loss.state_dict()
+    state["_extra_state"] = {"generator_state": torch.Generator().get_state()}
+    with pytest.raises(ValueError, match="numpy generator state"):
+        loss.load_state_dict(state)
+
+
+def test_generator_argument_types():
+    ProxySynthesisLoss(ProxyAnchorLoss(C, D), generator=np.random.default_rng(1))
+    with pytest.raises(TypeError, match="numpy.random.Generator"):
+        ProxySynthesisLoss(ProxyAnchorLoss(C, D), generator=torch.Generator())
+    with pytest.raises(TypeError):
+        ProxySynthesisLoss(ProxyAnchorLoss(C, D), generator=1.5)
 
 
 # -------------------------------------------------------------------------------------------
@@ -173,7 +286,46 @@ def test_eval_mode_and_single_class_batches_run_the_base():
     assert torch.equal(loss(x, labels), base(x, labels)) and loss.last_lambda is None
     loss.train()
     one_class = torch.full((6,), 4)
-    assert torch.equal(loss(x[:6], one_class), base(x[:6], one_class))
+    with pytest.warns(RuntimeWarning, match="single class"):
+        assert torch.equal(loss(x[:6], one_class), base(x[:6], one_class))
+    assert loss.num_unsynthesised_batches == 1 and loss.last_lambda is None
+
+
+def test_single_class_batches_warn_once_and_are_counted():
+    loss = ProxySynthesisLoss(ProxyAnchorLoss(C, D), generator=0)
+    with pytest.warns(RuntimeWarning) as record:
+        for _ in range(3):
+            loss(torch.randn(4, D), torch.full((4,), 2))
+    assert len(record) == 1 and loss.num_unsynthesised_batches == 3
+    loss(torch.randn(8, D), m_per_class_labels([1, 2], 4))
+    assert loss.num_unsynthesised_batches == 3 and loss.last_lambda is not None
+
+
+# -------------------------------------------------------------------------------------------
+# pml keyword arguments of the wrapper
+# -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs", [{"distance": pml_distances.LpDistance()},
+                                    {"reducer": pml_reducers.SumReducer()},
+                                    {"distance": pml_distances.CosineSimilarity(),
+                                     "reducer": pml_reducers.MeanReducer()}],
+                         ids=["distance", "reducer", "both"])
+def test_distance_and_reducer_are_refused_with_a_clear_error(kwargs):
+    """They used to be accepted and silently ignored (same value with a SumReducer)."""
+    with pytest.raises(ValueError) as info:
+        ProxySynthesisLoss(ProxyAnchorLoss(C, D), **kwargs)
+    msg = str(info.value)
+    assert all(k in msg for k in kwargs) and "base loss" in msg and "ProxyAnchorLoss" in msg
+
+
+def test_embedding_regularizer_is_honoured():
+    torch.manual_seed(0)
+    x, labels = torch.randn(12, D) * 3, m_per_class_labels([1, 2, 3], 4)
+    base = ProxyAnchorLoss(C, D)
+    plain = ProxySynthesisLoss(copy.deepcopy(base), generator=4)(x, labels)
+    reg = pml_regularizers.LpRegularizer()
+    with_reg = ProxySynthesisLoss(copy.deepcopy(base), generator=4, embedding_regularizer=reg,
+                                  embedding_reg_weight=0.5)(x, labels)
+    assert_close(with_reg - plain, 0.5 * reg(x).mean(), TOL[torch.float32])
 
 
 # -------------------------------------------------------------------------------------------
@@ -330,6 +482,7 @@ def test_set_epoch_reaches_proxy_isa_and_synthetics_never_touch_its_state():
     assert int(queue_labels.max()) < C
 
 
+@pytest.mark.filterwarnings("ignore:ProxySynthesisLoss. a training batch")
 @pytest.mark.parametrize("labels", [[3, 3, 7, 7], [0, 9], [4, 4, 4, 4], [5]],
                          ids=["absent-classes", "batch-of-2", "one-class", "batch-of-1"])
 @pytest.mark.parametrize("base_name", ["pml_normalized_softmax", "proxy_anchor", "proxy_isa"])
@@ -347,5 +500,6 @@ def test_edge_batches(labels, base_name):
     assert torch.isfinite(getattr(base, param).grad).all()
     if len(set(labels.tolist())) < 2:  # no different-class pair: exactly the base loss
         assert loss.last_lambda is None and torch.equal(value, twin(x, labels))
+        assert loss.num_unsynthesised_batches == 1
     else:
         assert (labels[loss.last_partners] != labels).all()

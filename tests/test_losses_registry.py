@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from losses import LOSSES, ProxySynthesisLoss, build_loss, get_loss_spec
-from losses.registry import PROXY_SYNTHESIS_BASES, LossSpec, SearchParam
+from losses.registry import (DATASETS, PROXY_SYNTHESIS_BASES, PROXY_SYNTHESIS_WRAPS, LossSpec,
+                             SearchParam)
 from test_losses import m_per_class_labels
 
 NUM_CLASSES, EMBEDDING_SIZE = 10, 16
@@ -92,10 +93,15 @@ def test_defaults_are_plain_values(name):
 
 def test_proxy_synthesis_entries_extend_their_base():
     for base in PROXY_SYNTHESIS_BASES:
-        b, ps = get_loss_spec(base), get_loss_spec(f"proxy_synthesis_{base}")
+        b = get_loss_spec(PROXY_SYNTHESIS_WRAPS[base])
+        ps = get_loss_spec(f"proxy_synthesis_{base}")
         assert ps.defaults == {"ps_alpha": 0.4, "ps_mu": 1.0, **b.defaults}
         base_part = {k: v for k, v in ps.search_space.items() if not k.startswith("ps_")}
         assert base_part == b.search_space
+        for d in DATASETS:  # the base's space on every data set, fixed values included
+            base_part = {k: v for k, v in ps.space_for(d).items() if not k.startswith("ps_")}
+            assert base_part == b.space_for(d)
+            assert ps.fixed_for(d) == b.fixed_for(d)
         assert ps.search_space["ps_alpha"].low == 0.1 and ps.search_space["ps_alpha"].high == 2.0
         assert ps.search_space["ps_mu"].low == 0.0 and ps.search_space["ps_mu"].high == 1.0
         assert ps.has_parameters
@@ -144,3 +150,17 @@ def test_entry_runs_under_bf16_autocast(name):
         value = one_step(loss, seed=3)
     # bf16 matmuls: ~3 significant digits, amplified by scales up to 64 in the logits
     torch.testing.assert_close(value.detach().float(), reference.float(), rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_every_dataset_space_is_valid(name):
+    """Cheap structural checks on each data set's space (tests/test_conformance_spaces.py
+    trains at its corners)."""
+    spec = get_loss_spec(name)
+    for d in DATASETS:
+        space = spec.space_for(d)
+        assert set(space) <= set(spec.defaults) and set(space) <= set(spec.search_space)
+        for key, p in space.items():
+            assert p.kind == "float" and p.low < p.high and (not p.log or p.low > 0), (d, key)
+            assert isinstance(spec.defaults_for(d)[key], float), (d, key)
+            assert p.source, (d, key)
