@@ -347,8 +347,10 @@ def searched_keys(cfg: StudyConfig) -> set[str]:
     from losses.registry import get_loss_spec
 
     spec = get_loss_spec(cfg.loss.name)
-    space = spec.space_for(cfg.data.dataset) if hasattr(spec, "space_for") else spec.search_space
-    keys = {f"loss.{k}" for k in space}
+    try:
+        keys = {f"loss.{k}" for k in spec.space_for(cfg.data.dataset)}
+    except ValueError as e:
+        raise ConfigError(f"data.dataset={cfg.data.dataset!r}: {e}") from None
     if spec.has_parameters:
         keys.add("train.loss_lr")
     keys |= {k for k, v in cfg.search.space.items() if v not in ("fixed", None, False)}

@@ -102,9 +102,8 @@ def search_space(cfg: StudyConfig) -> dict[str, SearchParam]:
     set (losses/registry.py), the loss-parameter lr, the study's [search.space] additions, less
     the keys fixed by a value (`search.fixed`, filled by load_study) or marked "fixed"."""
     spec = get_loss_spec(cfg.loss.name)
-    registry = spec.space_for(cfg.data.dataset) if hasattr(spec, "space_for") \
-        else spec.search_space
-    space: dict[str, SearchParam] = {f"loss.{k}": v for k, v in registry.items()}
+    space: dict[str, SearchParam] = {f"loss.{k}": v for k, v in
+                                     spec.space_for(cfg.data.dataset).items()}
     if spec.has_parameters:
         space["train.loss_lr"] = LOSS_LR_SPACE
     for key, value in cfg.search.space.items():

@@ -82,8 +82,11 @@ def build_fold_modules(cfg: StudyConfig, num_classes: int, device: torch.device)
                         embedding_size=m.embedding_size, freeze_bn=m.freeze_bn).to(device)
     if device.type == "cuda" and cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    # dataset: on some data sets MLRC fixed a parameter it searches elsewhere (SoftTriple's
+    # reg_weight on SOP); the registry knows those values.
     loss_fn = build_loss(cfg.loss.name, num_classes=num_classes,
-                         embedding_size=m.embedding_size, **cfg.loss.params).to(device)
+                         embedding_size=m.embedding_size, dataset=cfg.data.dataset,
+                         **cfg.loss.params).to(device)
     t = cfg.train
     model_opt = make_optimizer(t.optimizer, model.parameters(), t.lr, t.weight_decay,
                                t.momentum, t.adam_eps)
