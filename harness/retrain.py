@@ -109,7 +109,7 @@ def retrain_and_test(cfg: StudyConfig, data: PreparedData, output: Path, device,
         jobs = bar(total=len(plan) * len(folds), desc="final", unit="fold", leave=True)
         for rep, source in plan:
             rep_dir = final_dir / f"rep_{rep:02d}"
-            fold_embeddings, fold_prints = [], []
+            fold_embeddings, fold_prints, fold_sources = [], [], set()
             for fold in folds:
                 fold_dir = rep_dir / f"fold_{fold.index}"
                 seed, trial_dir = _fold_seed_and_dir(cfg, output, best, rep, source, fold)
@@ -120,13 +120,15 @@ def retrain_and_test(cfg: StudyConfig, data: PreparedData, output: Path, device,
                     _write_csv(final_dir)
                 fold_embeddings.append(dict(np.load(fold_dir / "test_embeddings.npz")))
                 fold_prints.append(print_)
+                fold_sources.add(read_json(fold_dir / "result.json")["source"])
                 jobs.update(1)
             concat_path = rep_dir / "concatenated.json"
             concat_print = "+".join(fold_prints)
             if not _valid_result(read_json(concat_path), concat_print):
                 metrics = test_metrics(concatenate(fold_embeddings), device)
                 write_json_atomic(concat_path, {
-                    "reproduction": rep, "mode": "concatenated", "fold": -1, "source": source,
+                    "reproduction": rep, "mode": "concatenated", "fold": -1,
+                    "source": "+".join(sorted(fold_sources)),
                     "val_map_at_r": float("nan"), "best_epoch": -1, "stop": "",
                     **_metric_row(metrics), "fingerprint": concat_print})
                 _write_csv(final_dir)
