@@ -19,7 +19,7 @@ What it measures (ratios are taken within this one run, so they hold on noisy ma
    (K = 1, 2, 4, 8; each runs the ceiling step of its own model) divided by K = 1, per trunk,
    and the --workers-per-gpu it recommends: the smallest K within 5% of the best ratio, when
    the best is at least 1.1x (else 1: sharing does not pay). On CPU the K workers split the
-   cores (as harness.workers does), so the ratio shows only the mechanism, not a GPU's gain.
+   cores (as harness.workers does): the ratio there shows the mechanism, not a GPU's gain.
 4. evaluation: harness.metrics.retrieval_metrics (P@1, R@K, R-Precision, MAP@R) at SOP's test
    size (60,502 x 512 by default) divided by the bare chunked matmul + top-k of the same data,
    which any retrieval evaluation must do. Target <= 1.5.
@@ -49,6 +49,7 @@ from harness.image_cache import build_or_open
 from harness.metrics import retrieval_metrics
 from harness.splits import make_split
 from harness.train import build_fold_modules, training_step
+from harness.workers import cpu_count
 
 
 def synthetic_jpegs(folder: Path, classes: int, per_class: int, size=(500, 375),
@@ -168,7 +169,7 @@ def concurrent_images_per_s(trunk: str, args: argparse.Namespace, device: torch.
     barrier, results = ctx.Barrier(k), ctx.Queue()
     keys = ("crop", "resize", "workers", "batch", "iters", "warmup")
     plain = {key: getattr(args, key) for key in keys}
-    threads = max(1, (os.cpu_count() or 1) // k)  # harness.workers splits the cores likewise
+    threads = max(1, cpu_count() // k)  # harness.workers splits the cores likewise
     procs = [ctx.Process(target=_concurrent_worker, args=(
         trunk, plain, str(device), threads, args.warmup, seconds, num_classes, barrier, results))
         for _ in range(k)]
