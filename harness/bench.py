@@ -15,7 +15,12 @@ What it measures (ratios are taken within this one run, so they hold on noisy ma
    set is needed; the trunk starts from random weights (speed does not depend on them).
 2. mixed precision: images/s of the ceiling step in bf16 autocast / float32, channels_last /
    contiguous, for BN-Inception and ResNet-50 (GPU only; the harness runs float32 on CPU).
-3. evaluation: harness.metrics.retrieval_metrics (P@1, R@K, R-Precision, MAP@R) at SOP's test
+3. workers per GPU: aggregate training images/s of K concurrent worker processes on one device
+   (K = 1, 2, 4, 8; each runs the ceiling step of its own model) divided by K = 1, per trunk,
+   and the --workers-per-gpu it recommends: the smallest K within 5% of the best ratio, when
+   the best is at least 1.1x (else 1: sharing does not pay). On CPU the K workers split the
+   cores (as harness.workers does): the ratio there shows the mechanism, not a GPU's gain.
+4. evaluation: harness.metrics.retrieval_metrics (P@1, R@K, R-Precision, MAP@R) at SOP's test
    size (60,502 x 512 by default) divided by the bare chunked matmul + top-k of the same data,
    which any retrieval evaluation must do. Target <= 1.5.
 """
@@ -24,7 +29,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import platform
+import queue
 import tempfile
 import time
 from pathlib import Path
@@ -41,6 +49,7 @@ from harness.image_cache import build_or_open
 from harness.metrics import retrieval_metrics
 from harness.splits import make_split
 from harness.train import build_fold_modules, training_step
+from harness.workers import cpu_count
 
 
 def synthetic_jpegs(folder: Path, classes: int, per_class: int, size=(500, 375),
@@ -123,6 +132,71 @@ def ceiling_images_per_s(cfg: StudyConfig, device, warmup: int, iters: int,
     return iters * b / (time.perf_counter() - start)
 
 
+def _concurrent_worker(trunk: str, args: dict, device: str, threads: int, warmup: int,
+                       seconds: float, num_classes: int, barrier, results) -> None:
+    """One of K workers: warm up, wait for the others, then train for `seconds`."""
+    try:
+        torch.set_num_threads(threads)
+        dev = torch.device(device)
+        cfg = bench_config(dev, argparse.Namespace(**{**args, "trunk": trunk}))
+        amp = dev.type == "cuda"
+        model, loss_fn, model_opt, loss_opt = build_fold_modules(cfg, num_classes, dev)
+        b, m = cfg.train.batch_size, cfg.train.m_per_class
+        images = torch.randn(b, 3, cfg.data.crop, cfg.data.crop, device=dev)
+        if amp and cfg.train.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = torch.arange(b // m, device=dev).repeat_interleave(m)
+        for _ in range(warmup):
+            training_step(model, loss_fn, model_opt, loss_opt, images, labels, amp)
+        _sync(dev)
+        barrier.wait()
+        start, steps = time.perf_counter(), 0
+        while time.perf_counter() - start < seconds:
+            training_step(model, loss_fn, model_opt, loss_opt, images, labels, amp)
+            steps += 1
+        _sync(dev)
+        results.put(steps * b / (time.perf_counter() - start))
+    except Exception as e:  # noqa: BLE001 (out of memory at large K: reported, not fatal)
+        barrier.abort()
+        results.put(f"{type(e).__name__}: {e}")
+
+
+def concurrent_images_per_s(trunk: str, args: argparse.Namespace, device: torch.device, k: int,
+                            seconds: float, num_classes: int) -> float | str:
+    """Aggregate training images/s of k worker processes sharing the device (a string: why
+    it failed, e.g. out of memory)."""
+    ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+    barrier, results = ctx.Barrier(k), ctx.Queue()
+    keys = ("crop", "resize", "workers", "batch", "iters", "warmup")
+    plain = {key: getattr(args, key) for key in keys}
+    threads = max(1, cpu_count() // k)  # harness.workers splits the cores likewise
+    procs = [ctx.Process(target=_concurrent_worker, args=(
+        trunk, plain, str(device), threads, args.warmup, seconds, num_classes, barrier, results))
+        for _ in range(k)]
+    for proc in procs:
+        proc.start()
+    try:  # a worker killed outright (out of host memory) never answers
+        speeds = [results.get(timeout=seconds + 900) for _ in procs]
+    except queue.Empty:
+        speeds = ["a worker died without an answer"]
+    for proc in procs:
+        proc.join(timeout=60)
+        if proc.is_alive():
+            proc.kill()
+    errors = [s for s in speeds if isinstance(s, str) and "BrokenBarrier" not in s]
+    if errors or any(isinstance(s, str) for s in speeds):
+        return errors[0] if errors else "a worker failed"
+    return float(sum(speeds))
+
+
+def recommend_workers_per_gpu(ratios: dict[int, float]) -> int:
+    """The smallest K within 5% of the best aggregate ratio, if sharing gains >= 10%."""
+    best = max(ratios.values())
+    if best < 1.1:
+        return 1
+    return min(k for k, r in ratios.items() if r >= 0.95 * best)
+
+
 def eval_ratio(n: int, dim: int, classes: int, device, repeats: int = 3) -> dict:
     g = torch.Generator().manual_seed(0)
     labels = torch.randint(0, classes, (n,), generator=g)
@@ -156,9 +230,39 @@ def hardware(device: torch.device) -> str:
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         return f"{p.name} ({p.total_memory / 2**30:.0f} GiB), torch {torch.__version__}"
-    import os
     return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}, " \
            f"{torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+def workers_per_gpu_rows(args, device: torch.device, n_classes: int, record: dict) -> list:
+    """Rows (and record["workers_per_gpu"]): aggregate img/s of K workers / K = 1, per trunk."""
+    rows = []
+    ks = sorted(set(args.concurrency) | ({1} if args.concurrency else set()))
+    for trunk in args.concurrency_trunks if ks else []:
+        speeds = {}
+        for k in ks:
+            speeds[k] = concurrent_images_per_s(trunk, args, device, k, args.concurrency_s,
+                                                n_classes)
+            if isinstance(speeds[k], str):  # out of memory: larger K would fail too
+                break
+        ok = {k: v for k, v in speeds.items() if not isinstance(v, str)}
+        if 1 not in ok:
+            rows.append((f"{trunk}: workers per {device.type.upper()}", "failed",
+                         str(speeds.get(1))[:120]))
+            continue
+        ratios = {k: v / ok[1] for k, v in ok.items()}
+        for k, v in speeds.items():
+            rows.append((f"{trunk}: {k} workers on one {device.type.upper()}, aggregate img/s",
+                         f"{v:,.0f}" if k in ok else "failed",
+                         f"{ratios[k]:.2f}x 1 worker" if k in ok else str(v)[:120]))
+        best = recommend_workers_per_gpu(ratios)
+        rows.append((f"{trunk}: recommended --workers-per-gpu", str(best),
+                     f"{ratios[best]:.2f}x 1 worker"))
+        record.setdefault("workers_per_gpu", {})[trunk] = {
+            "images_per_s": {str(k): v for k, v in speeds.items()},
+            "ratio": {str(k): r for k, r in ratios.items()}, "recommended": best,
+            "seconds": args.concurrency_s}
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,6 +283,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-dim", type=int, default=512)
     parser.add_argument("--amp-trunks", default="bninception,resnet50",
                         help="GPU only: trunks whose step is timed in bf16/fp32 x memory formats")
+    parser.add_argument("--concurrency", default=None,
+                        help="K values for workers per GPU, e.g. 1,2,4,8 (quick: 1,2; '' skips)")
+    parser.add_argument("--concurrency-trunks", default=None,
+                        help="trunks for workers per GPU (default bninception,resnet50; "
+                             "quick: the --trunk)")
+    parser.add_argument("--concurrency-s", type=float, default=None,
+                        help="seconds each K is timed (default 20, quick 5)")
     parser.add_argument("--out", default="", help="folder for bench_<device>.md/.json")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
@@ -191,6 +302,11 @@ def main(argv: list[str] | None = None) -> int:
     n_images = args.images or (400 if quick else 2000)
     eval_n = args.eval_n or (20_000 if quick else 60_502)
 
+    ks = args.concurrency if args.concurrency is not None else ("1,2" if quick else "1,2,4,8")
+    args.concurrency = [int(k) for k in ks.split(",") if k.strip()]
+    args.concurrency_trunks = (args.concurrency_trunks or
+                               (args.trunk if quick else "bninception,resnet50")).split(",")
+    args.concurrency_s = args.concurrency_s or (5.0 if quick else 20.0)
     cfg = bench_config(device, args)
     rows, record = [], {"device": str(device), "hardware": hardware(device),
                         "config": {"trunk": args.trunk, "crop": args.crop, "resize": args.resize,
@@ -240,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append((f"ceiling img/s, {trunk}, {name}", f"{v:,.0f}",
                              f"{v / base:.2f}x fp32+contiguous"))
                 record.setdefault("precision", {})[f"{trunk}/{name}"] = v
+    rows += workers_per_gpu_rows(args, device, n_classes, record)
     ev = eval_ratio(eval_n, args.eval_dim, classes=max(eval_n // 5, 2), device=device)
     rows.append((f"evaluation {ev['n']:,} x {ev['dim']} (k={ev['k']}): ours / bare top-k",
                  f"{ev['ours_s']:.2f} s vs {ev['bare_s']:.2f} s",
