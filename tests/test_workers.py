@@ -86,7 +86,8 @@ def test_concurrent_creation_on_a_fresh_sqlite_file(tmp_path):
 
 def test_pruner_steps_are_training_iterations():
     cfg = load_study("quickstart")  # 12 epochs x 40 iterations per fold, 4 folds
-    assert fold_steps(cfg) == 480 and not prune_within_folds(cfg)
+    assert fold_steps(cfg) == 480 and not prune_within_folds(cfg)  # MLRC: no pruning
+    cfg.search.pruner = "median"  # the opt-in
     median = make_pruner(cfg)
     assert median._n_warmup_steps == 480  # prunes from the end of the first fold
     cfg.search.pruner = "hyperband"
