@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from harness.report import MANIFEST, ReportError, build_report, main
+from harness.report import MANIFEST, build_report, main
 from report_fakes import make_run
 
 SEP = ((0.20, 0.22, 0.18, 0.20), (0.21, 0.23, 0.19, 0.21))

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -102,7 +100,8 @@ def test_interrupted_fold_resumes_from_a_weights_only_checkpoint(tmp_path, tiny,
         raise Stop
 
     with pytest.raises(Stop):
-        train_fold(cfg, data, fold, CPU, seed=1, run_dir=tmp_path, report=stop_after_first_validation)
+        train_fold(cfg, data, fold, CPU, seed=1, run_dir=tmp_path,
+                   report=stop_after_first_validation)
     torch.load(tmp_path / "last.pt", weights_only=True)
     torch.load(tmp_path / "best.pt", weights_only=True)
     result = train_fold(cfg, data, fold, CPU, seed=1, run_dir=tmp_path)
