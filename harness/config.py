@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 import tomllib
 import typing
 from dataclasses import asdict, dataclass, field
@@ -371,8 +373,113 @@ def _fix_explicit_search_keys(cfg: StudyConfig, explicit: set[str]) -> None:
     cfg.search.fixed = sorted(set(cfg.search.fixed) | fixed)
 
 
+# --------------------------------------------------------------------------------------------
+# Validation: names and value ranges
+# --------------------------------------------------------------------------------------------
+# A study name becomes a folder (results/NAME) and the Optuna study name: no path separators,
+# no "..", nothing a shell or a file system could misread.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
+def check_study_name(name: str) -> None:
+    """ConfigError unless `name` is safe as a folder name (run folders are results/NAME)."""
+    if not NAME_PATTERN.fullmatch(name) or ".." in name:
+        raise ConfigError(
+            f"study name {name!r} is not allowed: it names the run folder (results/NAME), so it "
+            f"must start with a letter or digit and hold only letters, digits, '_', '.' and "
+            f"'-' (at most 100 characters, no '..'). Rename the study file, or set "
+            f"name = \"...\" in it, or pass --set name=NEW_NAME")
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The allowed range of one numeric config value; None = unbounded on that side."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # True: `low` itself is not allowed
+    high_open: bool = False
+    note: str = ""  # what the special values mean, shown in the error
+
+    def holds(self, value: float) -> bool:
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or not (value > self.high or
+                                         (self.high_open and value == self.high))
+
+    def text(self) -> str:
+        if self.low is not None and self.high is not None:
+            return (f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
+                    f"{')' if self.high_open else ']'}")
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"{'<' if self.high_open else '<='} {self.high:g}"
+
+
+POSITIVE = Bound(0, low_open=True)
+NON_NEGATIVE = Bound(0)
+AT_LEAST_ONE = Bound(1)
+
+# Every int and float field of the config dataclasses (tests/test_faults_config.py checks that
+# none is missing): values outside these ranges would fail later, deep inside torch or Optuna.
+RANGES: dict[str, Bound] = {
+    "seed": Bound(0, 2**32 - 1, note="Optuna's samplers take 32-bit seeds"),
+    "data.resize": AT_LEAST_ONE,
+    "data.crop": AT_LEAST_ONE,
+    "data.scale_min": Bound(0, 1, low_open=True, note="RandomResizedCrop's smallest area"),
+    "data.num_workers": Bound(-1, note="-1 = one per CPU core but one, 0 = none"),
+    "data.glyph_classes": Bound(16, 256, note="the MLRC split needs 16 classes; 256 exist"),
+    "data.glyph_per_class": Bound(2, note="retrieval needs another image of the class"),
+    "model.embedding_size": AT_LEAST_ONE,
+    "train.batch_size": AT_LEAST_ONE,
+    "train.m_per_class": AT_LEAST_ONE,
+    "train.lr": POSITIVE,
+    "train.momentum": Bound(0, 1, high_open=True),
+    "train.weight_decay": NON_NEGATIVE,
+    "train.adam_eps": POSITIVE,
+    "train.loss_lr": POSITIVE,
+    "train.loss_weight_decay": NON_NEGATIVE,
+    "train.iters_per_epoch": AT_LEAST_ONE,
+    "train.max_epochs": AT_LEAST_ONE,
+    "train.val_every_epochs": Bound(0, note="0 = the data set's MLRC value"),
+    "train.patience": Bound(-1, note="-1 = the data set's MLRC value"),
+    "train.warmup_epochs": NON_NEGATIVE,
+    "train.grad_clip": Bound(0, note="0 = off"),
+    "train.eval_batch_size": AT_LEAST_ONE,
+    "search.trials": AT_LEAST_ONE,
+    "search.folds": Bound(1, 4, note="MLRC uses 4 folds"),
+    "search.n_startup_trials": Bound(-1, note="-1 = auto: gp max(5, dims), tpe 10"),
+    "search.prune_warmup_folds": NON_NEGATIVE,
+    "final.reproductions": NON_NEGATIVE,
+}
+
+
+def _get(cfg: StudyConfig, key: str) -> Any:
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def check_ranges(cfg: StudyConfig) -> None:
+    """ConfigError naming the key, the value and the allowed range of the first value out of
+    range (NaN and infinity are never allowed)."""
+    for key, bound in RANGES.items():
+        value = _get(cfg, key)
+        if not math.isfinite(value) or not bound.holds(value):
+            note = f" ({bound.note})" if bound.note else ""
+            raise ConfigError(f"{key}={value!r}: must be {bound.text()}{note}")
+    d = cfg.data
+    if d.crop > d.resize:
+        raise ConfigError(f"data.crop={d.crop} is larger than data.resize={d.resize}: images are "
+                          f"resized (shorter side) to data.resize, then cropped to data.crop, "
+                          f"so crop must be <= resize")
+
+
 def validate(cfg: StudyConfig) -> None:
     """Cross-field checks that single-key type checks cannot do."""
+    check_study_name(cfg.name)
+    check_ranges(cfg)
     t = cfg.train
     if t.batch_size % t.m_per_class:
         raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of "
@@ -388,14 +495,7 @@ def validate(cfg: StudyConfig) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
-    positive = {"train.iters_per_epoch": t.iters_per_epoch, "train.max_epochs": t.max_epochs,
-                "search.trials": cfg.search.trials, "model.embedding_size": cfg.model.embedding_size,
-                "train.batch_size": t.batch_size, "train.m_per_class": t.m_per_class}
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key}={value}: must be positive")
-    if not 1 <= cfg.search.folds <= 4:
-        raise ConfigError(f"search.folds={cfg.search.folds}: MLRC uses 4 folds (1..4 allowed)")
-    if cfg.final.reproductions < 0:
-        raise ConfigError("final.reproductions must be >= 0")
+    if cfg.final.reproductions == 0 and not cfg.final.include_best_trial:
+        raise ConfigError("final.reproductions=0 with final.include_best_trial=false leaves "
+                          "nothing to test: allow one of them")
     _loss_defaults(cfg.loss.name)

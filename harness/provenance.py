@@ -60,11 +60,37 @@ def hardware(device: torch.device | None = None) -> dict:
     return info
 
 
+def redact_word(word: str) -> str:
+    """One command-line word or value with any URL password replaced by *** (run folders may
+    sit on shared disks): `postgresql://u:pw@h/db` and `--storage=postgresql://u:pw@h/db`."""
+    from harness.storage import redact_url  # local import: storage loads optuna and SQLAlchemy
+
+    if "://" not in word:
+        return word
+    flag, sep, value = word.partition("=")
+    if sep and "://" not in flag:  # --storage=URL
+        return f"{flag}={redact_url(value)}"
+    return redact_url(word)
+
+
+def redact(obj):
+    """`obj` (str, or lists and dicts of them) with every URL password replaced by ***."""
+    if isinstance(obj, str):
+        return redact_word(obj)
+    if isinstance(obj, dict):
+        return {k: redact(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [redact(v) for v in obj]
+    return obj
+
+
 def provenance(device: torch.device | None = None, **extra) -> dict:
+    """One invocation's record; passwords in URLs (the --storage of a PostgreSQL study) are
+    replaced by *** in the command line and in `extra`."""
+    command = " ".join([Path(sys.executable).name] + [redact_word(w) for w in sys.argv])
     return {"time_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join([Path(sys.executable).name] + sys.argv),
-            "git": git_commit(), "versions": library_versions(), "hardware": hardware(device),
-            **extra}
+            "command": command, "git": git_commit(), "versions": library_versions(),
+            "hardware": hardware(device), **redact(extra)}
 
 
 def write_json(path: Path, obj) -> None:

@@ -21,7 +21,9 @@ What is written to --out (default results/report/), all listed in its README.md:
   * `plots/`: per data set a bar chart of MAP@R and P@1 (± std); per run the Optuna optimisation
     history and parameter importances (from the run's study.db) and the validation MAP@R curves
     of the final training folds. PNG and PDF.
-Files an earlier report wrote there under these names are replaced (stale ones removed).
+Files an earlier report wrote there are replaced and stale ones removed: --out/.report-manifest.json
+lists what the report wrote, and nothing else in the folder is ever deleted or overwritten (a
+file of another origin where the report would write is an error).
 """
 
 from __future__ import annotations
@@ -205,25 +207,89 @@ class Run:
     @property
     def max_iterations(self) -> int | None:
         t = self.config.get("train", {})
-        if "iters_per_epoch" in t and "max_epochs" in t:
+        try:
             return int(t["iters_per_epoch"]) * int(t["max_epochs"])
-        return None
+        except (KeyError, TypeError, ValueError):
+            return None
 
     @property
     def mean_best_iteration(self) -> float | None:
         t = self.config.get("train", {})
-        if "best_epoch" not in self.fold_rows or "iters_per_epoch" not in t:
+        if "best_epoch" not in self.fold_rows or not isinstance(t.get("iters_per_epoch"), int):
             return None
-        return float(self.fold_rows["best_epoch"].mean() * int(t["iters_per_epoch"]))
+        return float(self.fold_rows["best_epoch"].mean() * t["iters_per_epoch"])
+
+
+def _unreadable(path: Path, e: Exception) -> ReportError:
+    """The error for a file that cannot be read: a permission problem is named as one."""
+    if isinstance(e, PermissionError):
+        return ReportError(f"{path}: permission denied: this user may not read it (a "
+                           f"permission problem; the file itself may be intact); fix its "
+                           f"permissions, e.g. chmod a+r {path}")
+    if isinstance(e, UnicodeDecodeError):
+        return ReportError(f"{path}: not a text file ({e.reason} at byte {e.start}); it is "
+                           f"damaged or was replaced")
+    return ReportError(f"{path}: unreadable ({e})")
 
 
 def _read_json(path: Path, default=None):
     if not path.is_file():
         return default
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise _unreadable(path, e) from None
+    except json.JSONDecodeError as e:
         raise ReportError(f"{path}: unreadable JSON ({e})") from None
+
+
+def read_test_metrics(csv: Path) -> tuple[pd.DataFrame, list[str]]:
+    """final/test_metrics.csv, checked, and notes on rows left out.
+
+    Every metric must be a finite number, reproduction and fold integers, mode separated or
+    concatenated. A row with empty fields (cut short: a run killed while appending it) is left
+    out with a note naming the line; a value that is not a number, or a damaged or binary file,
+    is a ReportError naming the file and the line. Never NaN in a table."""
+    try:
+        raw = pd.read_csv(csv, dtype=str, keep_default_na=False, encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise _unreadable(csv, e) from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as e:
+        raise ReportError(f"{csv}: not a readable CSV table ({str(e).strip()[:200]})") from None
+    missing = [c for c in ("reproduction", "mode", "fold") if c not in raw.columns]
+    if missing:
+        raise ReportError(f"{csv} lacks the columns {missing} (columns found: "
+                          f"{', '.join(map(str, raw.columns[:10]))}); is it a test_metrics.csv "
+                          f"written by harness.run?")
+    checked = ["reproduction", "mode", "fold"] + [m for m in ALL_METRICS if m in raw.columns]
+    empty = (raw[checked] == "").any(axis=1)
+    notes = [f"{csv} line {i + 2}: empty {', '.join(c for c in checked if raw.at[i, c] == '')} "
+             f"(the row is incomplete, cut short by a killed run?): left out"
+             for i in raw.index[empty]]
+    raw = raw[~empty]
+    frame = raw.copy()
+    for column in raw.columns:  # informative columns (val_map_at_r, best_epoch): best effort
+        if column not in checked and column != "stop":
+            frame[column] = pd.to_numeric(raw[column].replace("", "nan"), errors="coerce")
+    for column in checked:
+        if column == "mode":
+            ok = raw["mode"].isin(MODES).to_numpy()
+        else:
+            values = pd.to_numeric(raw[column], errors="coerce")
+            ok = np.isfinite(values.to_numpy(dtype=float))
+            if column in ("reproduction", "fold"):
+                ok &= values.fillna(0.5).to_numpy() % 1 == 0
+        if not ok.all():
+            i = raw.index[int(np.flatnonzero(~ok)[0])]
+            expected = " or ".join(MODES) if column == "mode" else \
+                "an integer" if column in ("reproduction", "fold") else "a finite number"
+            raise ReportError(f"{csv} line {i + 2}: column {column} holds "
+                              f"{raw.at[i, column][:40]!r}, expected {expected}; the file is "
+                              f"damaged. Fix or delete that line, or move the file away and "
+                              f"re-run the final stage (harness.run --stage final)")
+        if column != "mode":
+            frame[column] = values.astype(int) if column in ("reproduction", "fold") else values
+    return frame, notes
 
 
 def per_reproduction(frame: pd.DataFrame, folds: int | None = None
@@ -265,23 +331,55 @@ def load_run(path: Path) -> Run:
     config = _read_json(path / "config.json")
     if config is None:
         raise ReportError(f"{path} lacks config.json (not written by harness.run?)")
+    _check_config(path / "config.json", config)
     csv = path / "final" / "test_metrics.csv"
-    try:
-        frame = pd.read_csv(csv)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-        raise ReportError(f"{csv}: unreadable ({e})") from None
+    frame, csv_notes = read_test_metrics(csv)
     folds = config.get("search", {}).get("folds")
-    per_rep, fold_rows, notes = per_reproduction(frame, folds)
+    per_rep, fold_rows, notes = per_reproduction(frame, folds if isinstance(folds, int) else None)
+    notes = csv_notes + notes
     if per_rep.empty:
         raise ReportError(f"{csv} holds no complete reproduction yet")
     prov = _read_json(path / "provenance.json", [])
+    untrained, untrained_note = _checked_untrained(path / "final" / "untrained_metrics.json")
+    search = _read_json(path / "search_summary.json")
+    if search is not None and not (isinstance(search, dict) and
+                                   isinstance(search.get("trials", []), list) and
+                                   all(isinstance(t, dict) for t in search.get("trials", []))):
+        notes.append(f"{path / 'search_summary.json'} is not a search summary (expected an "
+                     f"object with a list of trials): trial counts left out")
+        search = None
     run = Run(path=path, config=config, per_rep=per_rep, fold_rows=fold_rows,
-              untrained=_read_json(path / "final" / "untrained_metrics.json"),
-              search=_read_json(path / "search_summary.json"),
+              untrained=untrained, search=search,
               provenance=prov if isinstance(prov, list) else [prov], notes=notes)
-    if run.untrained is None:
-        run.notes.append("no final/untrained_metrics.json: no untrained row from this run")
+    if untrained_note:
+        run.notes.append(untrained_note)
     return run
+
+
+def _check_config(path: Path, config) -> None:
+    """config.json must be an object whose sections are objects (the tables read from it)."""
+    if not isinstance(config, dict):
+        raise ReportError(f"{path}: expected a JSON object (the study configuration), got "
+                          f"{type(config).__name__}")
+    for section in ("data", "loss", "train", "search", "final"):
+        if not isinstance(config.get(section, {}), dict):
+            raise ReportError(f"{path}: [{section}] is not an object; the file is damaged")
+
+
+def _checked_untrained(path: Path) -> tuple[dict | None, str]:
+    """untrained_metrics.json when its metrics are finite numbers, else (None, why)."""
+    untrained = _read_json(path)
+    if untrained is None:
+        return None, f"no {path.relative_to(path.parent.parent)}: no untrained row from this run"
+    if isinstance(untrained, dict):
+        bad = [m for m in ALL_METRICS if m in untrained and not (
+            isinstance(untrained[m], (int, float)) and not isinstance(untrained[m], bool)
+            and math.isfinite(untrained[m]))]
+        if not bad:
+            return untrained, ""
+        return None, f"{path}: {bad[0]}={untrained[bad[0]]!r} is not a finite number: no " \
+                     f"untrained row from this run"
+    return None, f"{path}: expected a JSON object of metrics: no untrained row from this run"
 
 
 def load_runs(paths: list[Path], strict: set[Path] | None = None) -> tuple[list[Run], list[str]]:
@@ -304,7 +402,8 @@ def load_runs(paths: list[Path], strict: set[Path] | None = None) -> tuple[list[
 
 
 def _slugify(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "run"
+    # No "." kept: file names are built with Path.with_suffix, which would cut at a dot.
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "run"
 
 
 def _assign_labels(runs: list[Run]) -> None:
@@ -819,11 +918,17 @@ def build_report(run_dirs: list[str | Path] | None = None, out: str | Path | Non
     notes += load_notes
     for r in runs:
         notes += [f"{r.label} ({r.path}): {n}" for n in r.notes]
+    datasets = sorted({r.dataset for r in runs})
     out.mkdir(parents=True, exist_ok=True)
-    _remove_previous_output(out)
+    planned = _planned_outputs(out, runs, datasets, plots)
+    previous, manifest_notes = _previous_outputs(out)
+    notes += manifest_notes
+    _refuse_foreign_files(out, planned, previous)
+    # Write-ahead: should this report stop half-way, the next one still knows these files.
+    _write_manifest(out, planned | previous)
+    _remove_previous_output(previous)
     files: list[tuple[Path, str]] = []
     tables: dict[str, pd.DataFrame] = {}
-    datasets = sorted({r.dataset for r in runs})
     markdown_tables = []
     for dataset in datasets:
         table = dataset_table(runs, dataset)
@@ -866,21 +971,105 @@ def build_report(run_dirs: list[str | Path] | None = None, out: str | Path | Non
     command = command or " ".join([Path(sys.executable).name, "-m", "harness.report",
                                    *sys.argv[1:]])
     index.write_text(_index_markdown(out, runs, files, notes, markdown_tables, command))
+    _write_manifest(out, {path for path, _ in files})
     return Report(out=out, runs=runs, tables=tables, significance=sig, files=files, notes=notes)
 
 
-OUTPUT_PATTERNS = ("README.md", "significance.md", "significance.csv", "table_*.md",
-                   "table_*.csv", "table_*.tex", "plots/bars_*.p[nd][gf]",
-                   "plots/curves_*.p[nd][gf]", "plots/optuna_*.p[nd][gf]")
+MANIFEST = ".report-manifest.json"  # the files this module wrote to --out, relative to it
 
 
-def _remove_previous_output(out: Path) -> None:
-    """Delete what an earlier report wrote to `out` (only files named like this module's
-    output), so that no table or plot of a run no longer reported is left behind."""
-    for pattern in OUTPUT_PATTERNS:
-        for path in out.glob(pattern):
-            if path.is_file():
-                path.unlink()
+def _planned_outputs(out: Path, runs: list[Run], datasets: list[str], plots: bool) -> set[Path]:
+    """Every file this report may write (a superset: some plots may be skipped)."""
+    names = ["README.md", "significance.md", "significance.csv"]
+    for dataset in datasets:
+        names += [f"table_{_slugify(dataset)}.{ext}" for ext in ("md", "csv", "tex")]
+    if plots:
+        stems = [f"bars_{_slugify(d)}" for d in datasets]
+        for r in runs:
+            stems += [f"curves_{r.slug}", f"optuna_history_{r.slug}",
+                      f"optuna_importances_{r.slug}"]
+        names += [f"plots/{stem}.{ext}" for stem in stems for ext in ("png", "pdf")]
+    return {out / name for name in names}
+
+
+def _inside(out: Path, entry) -> Path | None:
+    """out/entry when `entry` is a relative path that stays inside `out`, else None."""
+    if not isinstance(entry, str) or not entry or "\\" in entry:
+        return None
+    rel = Path(entry)
+    if rel.is_absolute() or ".." in rel.parts or rel.name == MANIFEST:
+        return None
+    path = out / rel
+    try:
+        path.resolve().relative_to(out.resolve())  # a symlinked folder may lead elsewhere
+    except ValueError:
+        return None
+    return path
+
+
+def _previous_outputs(out: Path) -> tuple[set[Path], list[str]]:
+    """Files an earlier report wrote to `out`, from its manifest (or, for a report folder from
+    before the manifest, from the file table of its README.md index), and notes on entries
+    ignored. The folder may be shared: every entry must be a relative path inside `out`."""
+    path = out / MANIFEST
+    if path.is_file():
+        try:
+            entries = json.loads(path.read_text()).get("files")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+            return set(), [f"{path} is unreadable ({e}): no file of an earlier report was "
+                           f"removed"]
+        if not isinstance(entries, list):
+            return set(), [f"{path} holds no file list: no file of an earlier report was "
+                           f"removed"]
+    else:
+        entries = _legacy_index_entries(out / "README.md")
+    previous, bad = set(), []
+    for entry in entries:
+        inside = _inside(out, entry)
+        if inside is None:
+            bad.append(repr(entry)[:80])
+        else:
+            previous.add(inside)
+    notes = [f"{path}: ignored {len(bad)} entr{'y' if len(bad) == 1 else 'ies'} that are not "
+             f"relative paths inside {out} ({', '.join(bad[:3])})"] if bad else []
+    return previous, notes
+
+
+def _legacy_index_entries(index: Path) -> list[str]:
+    """The files listed by a README.md that an earlier version of this module wrote."""
+    try:
+        text = index.read_text()
+    except (OSError, UnicodeDecodeError):
+        return []
+    if not text.startswith("# Benchmark report\n"):
+        return []  # not an index this module wrote: nothing in the folder is ours
+    return re.findall(r"^\| \[([^\]\n]+)\]\(", text, flags=re.MULTILINE)
+
+
+def _refuse_foreign_files(out: Path, planned: set[Path], previous: set[Path]) -> None:
+    """ReportError when a file this report would write exists but no earlier report wrote it
+    (a user's README.md, say): never overwrite what is not ours."""
+    foreign = sorted(p for p in planned if (p.exists() or p.is_symlink()) and p not in previous)
+    if foreign:
+        shown = ", ".join(str(p.relative_to(out)) for p in foreign[:5])
+        raise ReportError(f"{out} already holds {len(foreign)} file(s) that harness.report would "
+                          f"write but did not write itself ({shown}); they are left alone. "
+                          f"Choose another --out, or move those files away")
+
+
+def _write_manifest(out: Path, paths: set[Path]) -> None:
+    entries = sorted(p.relative_to(out).as_posix() for p in paths)
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"written_by": "harness.report", "files": entries}, indent=1))
+    os.replace(tmp, out / MANIFEST)
+
+
+def _remove_previous_output(previous: set[Path]) -> None:
+    """Delete the files an earlier report wrote (and only those), so that no table or plot of
+    a run no longer reported is left behind."""
+    for path in previous:
+        if path.is_file() or path.is_symlink():
+            path.unlink()
 
 
 def _index_markdown(out: Path, runs: list[Run], files, notes, markdown_tables,

@@ -94,6 +94,7 @@ def list_studies() -> int:
 def run(args: argparse.Namespace) -> int:
     # Imported here so that `--list` and config errors answer without loading torch models.
     from harness.data import prepare_data, resolve_device
+    from harness.preflight import preflight
     from harness.retrain import retrain_and_test, summarize
     from harness.storage import default_storage, sqlite_path
     from harness.search import (best_trial, config_for_params, run_search,
@@ -114,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.time()
     data = prepare_data(cfg)
+    preflight(cfg, data, device)  # weight file, loss, sampler: fail now, not inside trial 0
     with output_lock(output):
         write_manifest(output / "split_manifest.json", data.records, data.split)
     print(f"[{cfg.name}] {cfg.data.dataset}: {len(data.records)} images; output {output}")

@@ -28,6 +28,7 @@ import torch
 from harness.config import StudyConfig
 from harness.data import (PreparedData, batch_transform, dataset_defaults, eval_loader,
                           fold_indices, train_loader)
+from harness.errors import HarnessError
 from harness.metrics import compute_embeddings, retrieval_metrics
 from harness.models import build_model
 from harness.progress import bar
@@ -112,10 +113,49 @@ def _amp_enabled(cfg: StudyConfig, device: torch.device) -> bool:
     return cfg.train.amp and device.type == "cuda"
 
 
+class CheckpointError(HarnessError):
+    """A checkpoint in a run folder cannot be loaded (damaged, foreign or tampered with)."""
+
+
+def _plain(obj):
+    """`obj` with numpy scalars and arrays turned into Python numbers and tensors, so that the
+    checkpoint loads with torch.load(weights_only=True) (tensors, dicts, lists, str, numbers,
+    bool, None only)."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v) for v in obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj)
+    return obj
+
+
 def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
+    torch.save(_plain(obj), tmp)
     os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, device: torch.device) -> dict:
+    """A checkpoint written by `_atomic_save`, read as data only.
+
+    Run folders may sit on shared disks: weights_only=True means a planted pickle cannot run
+    code here; anything but tensors and plain values is refused with a CheckpointError."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # torch raises several types for damaged or unsafe files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointError(
+            f"{path}: not a loadable checkpoint ({type(exc).__name__}: {first[:300]}). It is "
+            f"damaged, was written by another program, or holds objects other than tensors and "
+            f"plain values; nothing in it was executed. Delete {path.parent}/last.pt and "
+            f"{path.parent}/best.pt to retrain that fold from its start.") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise CheckpointError(f"{path}: not a harness checkpoint (expected a dict with a "
+                              f"'model' entry). Delete it to retrain that fold from its start.")
+    return ckpt
 
 
 def training_step(model, loss_fn, model_opt, loss_opt, images: torch.Tensor,
@@ -155,13 +195,18 @@ def train_fold(cfg: StudyConfig, data: PreparedData, fold: Fold, device: torch.d
     state = {"epoch": 0, "best_map": -1.0, "best_epoch": 0, "best_metrics": {}, "history": []}
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
     if last_path.exists():  # resume an interrupted fold
-        ckpt = torch.load(last_path, map_location=device, weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        loss_fn.load_state_dict(ckpt["loss"])
-        model_opt.load_state_dict(ckpt["model_opt"])
-        if loss_opt is not None:
-            loss_opt.load_state_dict(ckpt["loss_opt"])
-        state = ckpt["state"]
+        ckpt = load_checkpoint(last_path, device)
+        try:
+            model.load_state_dict(ckpt["model"])
+            loss_fn.load_state_dict(ckpt["loss"])
+            model_opt.load_state_dict(ckpt["model_opt"])
+            if loss_opt is not None:
+                loss_opt.load_state_dict(ckpt["loss_opt"])
+            state = ckpt["state"]
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{last_path} does not fit this fold's model, loss or "
+                                  f"optimizers ({type(e).__name__}: {str(e)[:300]}). Delete "
+                                  f"it to retrain that fold from its start.") from None
 
     # Labels arrive as data-set class ids; losses want 0..C-1 for this fold's train classes.
     label_map = torch.as_tensor(classes)
@@ -229,8 +274,12 @@ def load_best_model(cfg: StudyConfig, checkpoint: Path, device: torch.device):
     model = build_model(trunk=m.trunk, pretrained=False, pooling=m.pooling,
                         layer_norm=m.layer_norm, embedding_size=m.embedding_size,
                         freeze_bn=m.freeze_bn).to(device)
-    ckpt = torch.load(checkpoint, map_location=device, weights_only=False)
-    model.load_state_dict(ckpt["model"])
+    ckpt = load_checkpoint(Path(checkpoint), device)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{checkpoint} does not fit the study's model ({str(e)[:300]}). "
+                              f"Delete it to retrain that fold.") from None
     return model.eval()
 
 
@@ -238,5 +287,6 @@ def is_finite(x: float) -> bool:
     return x is not None and math.isfinite(x)
 
 
-__all__ = ["FoldResult", "train_fold", "validate", "load_best_model", "seed_everything",
+__all__ = ["FoldResult", "train_fold", "validate", "load_best_model", "load_checkpoint",
+           "CheckpointError", "seed_everything",
            "get_loss_spec"]

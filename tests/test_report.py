@@ -245,14 +245,15 @@ def test_errors(tmp_path, capsys):
 
 def test_previous_output_replaced(tmp_path):
     out = tmp_path / "out"
-    (out / "plots").mkdir(parents=True)
-    (out / "plots" / "bars_gone.png").write_bytes(b"old")
-    (out / "table_gone.csv").write_text("old")
-    (out / "notes_of_the_user.txt").write_text("keep")
     make_run(tmp_path / "runs", "a", sep=A_SEP, conc=A_CONC)
+    make_run(tmp_path / "old", "b", dataset="cub200", sep=A_SEP, conc=A_CONC)
+    build_report([tmp_path / "runs", tmp_path / "old"], out=out, plots=True)
+    assert (out / "table_cub200.csv").exists() and (out / "plots" / "bars_cub200.png").exists()
+    (out / "notes_of_the_user.txt").write_text("keep")
     build_report([tmp_path / "runs"], out=out, plots=False)
-    assert not (out / "plots" / "bars_gone.png").exists()
-    assert not (out / "table_gone.csv").exists()
+    # Stale files of the earlier report are removed; files of other origin are kept.
+    assert not (out / "plots" / "bars_cub200.png").exists()
+    assert not (out / "table_cub200.csv").exists()
     assert (out / "notes_of_the_user.txt").exists() and (out / "table_glyphs.csv").exists()
 
 

@@ -69,12 +69,22 @@ class Records:
         except FileNotFoundError:
             raise DatasetError(f"{self.name}: image file {path} is missing (it was present when "
                                f"the dataset was loaded from {self.root})") from None
+        except PermissionError:
+            raise permission_error(self.name, path) from None
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             # PIL reports truncated or garbled files as OSError (UnidentifiedImageError is one)
             # and, for some formats, as ValueError or SyntaxError.
             raise DatasetError(f"{self.name}: cannot read image file {path}: {e}. The file is "
                                f"corrupt or not an image; restore it from the original "
                                f"archive.") from None
+
+
+def permission_error(title: str, path: Path | str) -> DatasetError:
+    """An unreadable file or folder is a permission problem, not a corrupt or missing file."""
+    return DatasetError(f"{title}: permission denied reading {path}: the user running the "
+                        f"harness may not read it (a permission problem, not a damaged file). "
+                        f"Fix its permissions (e.g. chmod -R a+rX on the data folder) or run as "
+                        f"a user who can read it.")
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -122,6 +132,9 @@ class DatasetSpec:
 def layout_error(title: str, root: Path, problem: str, layout: str, hint: str) -> DatasetError:
     """A DatasetError that says what is wrong and shows the whole expected layout."""
     where = "" if root.is_dir() else f" (the folder {root} does not exist)"
+    if root.is_dir() and not os.access(root, os.R_OK | os.X_OK):
+        where = (f" (this user may not read the folder {root}: a permission problem; fix its "
+                 f"permissions, e.g. chmod -R a+rX)")
     return DatasetError(f"{title}: {problem}{where}.\nExpected layout under the data root:\n"
                         f"{layout}\n{hint}")
 
@@ -133,6 +146,8 @@ def read_lines(path: Path, title: str) -> list[str]:
     except UnicodeDecodeError as e:
         raise DatasetError(f"{title}: {path} is not a UTF-8 text file ({e}); is it the "
                            f"original listing file?") from None
+    except PermissionError:
+        raise permission_error(title, path) from None
     except OSError as e:
         raise DatasetError(f"{title}: cannot read {path}: {e}") from None
     return [line for line in text.splitlines() if line.strip()]
@@ -173,6 +188,8 @@ def check_images_exist(title: str, root: Path, paths: Sequence[Path]) -> None:
     for folder, files in by_folder.items():
         try:
             present = set(os.listdir(folder))
+        except PermissionError:  # else every file in it would be reported missing
+            raise permission_error(title, folder) from None
         except OSError:
             present = set()
         missing.extend(p for p in files if p.name not in present and not p.is_file())

@@ -13,7 +13,8 @@ import numpy as np
 import scipy.io
 
 from harness.datasets.base import (CountCheck, Records, absolute_root, check_images_exist,
-                                   count_in_range, layout_error, verify_standard_counts)
+                                   count_in_range, layout_error, permission_error,
+                                   verify_standard_counts)
 from harness.errors import DatasetError
 
 TITLE = "Cars196"
@@ -41,6 +42,8 @@ def read_annotations(path: Path) -> np.ndarray:
     """The `annotations` struct array of cars_annos.mat, as a 1-d numpy record array."""
     try:
         mat = scipy.io.loadmat(str(path), squeeze_me=True)
+    except PermissionError:
+        raise permission_error(TITLE, path) from None
     except Exception as e:  # scipy raises several types (ValueError, MatReadError, TypeError...)
         raise DatasetError(f"{TITLE}: cannot read {path} as a MATLAB file ({type(e).__name__}: "
                            f"{e}); is it the original cars_annos.mat?") from None
