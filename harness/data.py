@@ -129,17 +129,20 @@ def train_loader(cfg: StudyConfig, data: PreparedData, indices: np.ndarray, seed
                  device: torch.device) -> tuple[torch.utils.data.DataLoader, torch.utils.data.Sampler]:
     """The training loader of one fold; call `sampler.set_epoch(epoch)` before each epoch."""
     dataset = _dataset(cfg, data, indices, train=True)
-    t = cfg.train
-    if t.sampler == "mlrc":
-        sampler = MLRCPassSampler(dataset.labels, t.m_per_class, t.batch_size,
-                                  t.iters_per_epoch, seed)
-    else:
-        sampler = SeededMPerClassSampler(dataset.labels, t.m_per_class, t.batch_size,
-                                         t.iters_per_epoch * t.batch_size, seed)
+    sampler = make_train_sampler(cfg, dataset.labels, seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train.batch_size,
                                          sampler=sampler, drop_last=True,
                                          **_loader_kwargs(cfg, device))
     return loader, sampler
+
+
+def make_train_sampler(cfg: StudyConfig, labels: np.ndarray, seed: int):
+    """The batch sampler of `train.sampler` over a fold's training labels."""
+    t = cfg.train
+    if t.sampler == "mlrc":
+        return MLRCPassSampler(labels, t.m_per_class, t.batch_size, t.iters_per_epoch, seed)
+    return SeededMPerClassSampler(labels, t.m_per_class, t.batch_size,
+                                  t.iters_per_epoch * t.batch_size, seed)
 
 
 def eval_loader(cfg: StudyConfig, data: PreparedData, indices: np.ndarray,

@@ -311,9 +311,14 @@ def _as_embeddings(x, name: str) -> torch.Tensor:
     return x.float()  # finiteness is checked on the work device (fast on a GPU)
 
 
+class NonFiniteEmbeddings(ValueError):
+    """The model produced NaN/inf embeddings: its weights diverged (training treats this as a
+    diverged fold, like a non-finite loss)."""
+
+
 def _check_finite(x: torch.Tensor, name: str) -> None:
     if not torch.isfinite(x).all():
-        raise ValueError(f"{name} embeddings contain NaN or inf (a diverged model?)")
+        raise NonFiniteEmbeddings(f"{name} embeddings contain NaN or inf (a diverged model?)")
 
 
 def _as_labels(labels, n: int, name: str) -> torch.Tensor:

@@ -13,10 +13,9 @@ import numpy as np
 import torch
 
 from harness.config import StudyConfig
-from harness.data import PreparedData, fold_indices
+from harness.data import PreparedData, fold_indices, make_train_sampler
 from harness.errors import ConfigError, HarnessError
 from harness.models import build_model
-from harness.sampler import SeededMPerClassSampler
 from losses.registry import build_loss
 
 
@@ -45,7 +44,8 @@ def _check_model(cfg: StudyConfig) -> None:
 def _check_loss(cfg: StudyConfig, num_classes: int, where: str) -> None:
     try:
         build_loss(cfg.loss.name, num_classes=num_classes,
-                   embedding_size=cfg.model.embedding_size, **cfg.loss.params)
+                   embedding_size=cfg.model.embedding_size, dataset=cfg.data.dataset,
+                   **cfg.loss.params)
     except HarnessError:
         raise
     except (ValueError, TypeError, AssertionError, RuntimeError) as e:
@@ -56,8 +56,7 @@ def _check_loss(cfg: StudyConfig, num_classes: int, where: str) -> None:
 def _check_sampler(cfg: StudyConfig, labels: np.ndarray, where: str) -> None:
     t = cfg.train
     try:
-        SeededMPerClassSampler(labels, t.m_per_class, t.batch_size,
-                               t.iters_per_epoch * t.batch_size, seed=0)
+        make_train_sampler(cfg, labels, seed=0)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
     except AssertionError as e:  # pml's own checks are bare asserts

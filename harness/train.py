@@ -29,7 +29,7 @@ from harness.config import StudyConfig
 from harness.data import (PreparedData, batch_transform, dataset_defaults, eval_loader,
                           fold_indices, train_loader)
 from harness.errors import HarnessError
-from harness.metrics import compute_embeddings, retrieval_metrics
+from harness.metrics import NonFiniteEmbeddings, compute_embeddings, retrieval_metrics
 from harness.models import build_model
 from harness.progress import bar
 from harness.splits import Fold
@@ -239,7 +239,12 @@ def train_fold(cfg: StudyConfig, data: PreparedData, fold: Fold, device: torch.d
         state["epoch"] = epoch
         if epoch % val_every and epoch != t.max_epochs:
             continue
-        metrics = validate(cfg, model, data, val_idx, device)
+        try:
+            metrics = validate(cfg, model, data, val_idx, device)
+        except NonFiniteEmbeddings:
+            # A finite loss with non-finite gradients leaves NaN weights: the model diverged.
+            stop_reason = "diverged"  # keep the best checkpoint from before the divergence
+            break
         state["history"].append({"epoch": epoch, "iteration": epoch * t.iters_per_epoch,
                                  "loss": float(loss.detach()), **metrics})
         if metrics["map_at_r"] > state["best_map"]:

@@ -26,7 +26,7 @@ BAD_VALUES = [
     ("data.resize", "0"), ("data.crop", "0"), ("data.num_workers", "-2"),
     ("data.glyph_classes", "8"), ("data.glyph_classes", "1000"), ("data.glyph_per_class", "1"),
     ("model.embedding_size", "0"),
-    ("search.trials", "0"), ("search.folds", "5"), ("search.n_startup_trials", "-1"),
+    ("search.trials", "0"), ("search.folds", "5"), ("search.n_startup_trials", "-2"),
     ("search.prune_warmup_folds", "-1"), ("final.reproductions", "-1"),
     ("seed", "-1"), ("seed", str(2**32)),
 ]

@@ -345,3 +345,22 @@ def test_stale_checkpoint_of_another_configuration_is_not_resumed(tmp_path, glyp
     assert (fold_dir / "last.pt").exists()
     claim_fold_dir(fold_dir, fingerprint(cfg, 2), "t")  # another seed
     assert not (fold_dir / "last.pt").exists()
+
+
+def test_nan_embeddings_at_validation_are_a_diverged_fold(tmp_path, glyph_root, monkeypatch):
+    """A finite loss with non-finite gradients leaves NaN weights; validation then sees NaN
+    embeddings. That fold diverged (the trial scores 0): it must not crash the search."""
+    import harness.train as train_mod
+    from harness.data import prepare_data
+    from harness.metrics import NonFiniteEmbeddings
+
+    cfg = load_study(str(write_study(tmp_path, glyph_root)))
+    data = prepare_data(cfg)
+
+    def nan_validation(*args, **kwargs):
+        raise NonFiniteEmbeddings("query embeddings contain NaN or inf (a diverged model?)")
+
+    monkeypatch.setattr(train_mod, "validate", nan_validation)
+    result = train_mod.train_fold(cfg, data, data.split.folds[0], __import__("torch").device(
+        "cpu"), seed=1, run_dir=tmp_path / "fold")
+    assert result.stop_reason == "diverged" and result.checkpoint == ""
