@@ -1,11 +1,14 @@
 """Typed study configuration: dataclasses whose defaults ARE the MLRC protocol.
 
-A study file (studies/NAME.toml) only says what differs from these defaults: usually the dataset,
-the loss and perhaps its search space. Layers are applied in this order, each one type-checked and
-rejecting unknown keys:
+A study is a cell of the benchmark matrix (loss x data set x recipe, generated from the
+registries by harness/benchmark.py: `proxy_anchor_cub`, `proxy_nca_pp_sop_paper`) or a study file
+(studies/NAME.toml or any path) that says what differs from these defaults and may `extends` a
+cell or another file. Layers are applied in this order, each one type-checked and rejecting
+unknown keys:
 
-    dataclass defaults (MLRC)  <-  study file (after the files it `extends`)  <-  --profile FILE
-                               <-  --set key=value  (repeatable)
+    dataclass defaults (MLRC)  <-  data set  <-  loss  <-  recipe          (a cell)
+                               <-  study file (after what it `extends`, then its `profile`)
+                               <-  --profile FILE  <-  --set key=value  (repeatable)
 
 Keys are dotted paths (``train.lr``, ``model.trunk``). Loss parameters are flat keys of the
 ``[loss]`` table (``loss.margin``); they are checked against the loss registry's defaults, so a
@@ -16,6 +19,7 @@ interval, patience) default to 0 / -1, meaning "the dataset's MLRC value".
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import re
@@ -137,6 +141,7 @@ class StudyConfig:
 
 SECTIONS = ("data", "model", "loss", "train", "search", "final")
 TOP_LEVEL = ("name", "description", "seed")
+STUDY_FILE_KEYS = ("extends", "profile")  # a study file's own keys (not a profile's, --set's)
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,7 +197,8 @@ def _loss_defaults(loss_name: str) -> dict[str, Any]:
     try:
         return dict(get_loss_spec(loss_name).defaults)
     except ValueError as e:
-        raise ConfigError(f"loss.name: {e}") from None
+        raise ConfigError(f"loss.name: {e} (a loss from your own code needs --loss "
+                          f"MODULE:CLASS on every invocation)") from None
 
 
 def set_value(cfg: StudyConfig, key: str, value: Any, source: str = "--set") -> None:
@@ -245,9 +251,9 @@ def apply_table(cfg: StudyConfig, table: dict[str, Any], source: str) -> list[st
             set_value(cfg, key, table[key], source)
             keys.append(key)
     for key in table:
-        if key not in TOP_LEVEL and key != "extends" and key not in SECTIONS:
+        if key not in TOP_LEVEL and key not in SECTIONS:
             raise ConfigError(f"{source}: unknown top-level key {key!r}; expected "
-                              f"{', '.join(TOP_LEVEL + ('extends',))} or a section "
+                              f"{', '.join(TOP_LEVEL + STUDY_FILE_KEYS)} or a section "
                               f"[{'] ['.join(SECTIONS)}]")
     for section in SECTIONS:
         sub = table.get(section)
@@ -272,22 +278,53 @@ def apply_table(cfg: StudyConfig, table: dict[str, Any], source: str) -> list[st
 
 
 # --------------------------------------------------------------------------------------------
-# Study files
+# Studies: cells of the benchmark matrix and study files
 # --------------------------------------------------------------------------------------------
 def study_path(name: str) -> Path:
+    """The study file `name` (a path to a .toml file, or studies/NAME.toml)."""
     path = Path(name)
     if path.suffix == ".toml" and path.exists():
         return path
     path = STUDIES_DIR / f"{name}.toml"
     if not path.exists():
-        raise ConfigError(f"no study named {name!r}: {path} does not exist. "
-                          f"Known studies: {', '.join(list_studies()) or '(none)'} "
-                          f"(python -m harness.run --list)")
+        from harness.benchmark import dataset_by_name
+
+        if dataset_by_name(name):
+            raise ConfigError(f"{name!r} is a data set, not a study: name a cell such as "
+                              f"proxy_anchor_{name}, or give your own loss with --loss "
+                              f"MODULE:CLASS")
+        close = difflib.get_close_matches(name, list_studies(), n=5)
+        raise ConfigError(f"no study named {name!r}: no cell of the benchmark matrix "
+                          f"(<loss>_<data set>[_paper], e.g. proxy_anchor_cub) and no {path}. "
+                          f"{'Did you mean: ' + ', '.join(close) + '? ' if close else ''}"
+                          f"python -m harness.run --list shows them all")
     return path
 
 
-def list_studies() -> list[str]:
+def study_files() -> list[str]:
+    """Names of the study files in studies/ (one-offs such as quickstart, not the matrix)."""
     return sorted(p.stem for p in STUDIES_DIR.glob("*.toml") if not p.stem.startswith("_"))
+
+
+def list_studies() -> list[str]:
+    """Every study name: the matrix's cells (registry order), then the study files."""
+    from harness.benchmark import cell_name, cells
+
+    return [cell_name(c) for c in cells()] + study_files()
+
+
+def find_cell(name: str):
+    """The benchmark cell that study `name` means, or None for a study file or path. A file in
+    studies/ that has a cell's name is refused: which one runs would be a guess."""
+    from harness.benchmark import parse_cell_name
+
+    if name.endswith(".toml") or "/" in name:
+        return None
+    cell = parse_cell_name(name)
+    if cell is not None and (STUDIES_DIR / f"{name}.toml").exists():
+        raise ConfigError(f"{STUDIES_DIR / name}.toml has the name of a generated benchmark "
+                          f"cell; rename the file (or delete it: the cell exists without it)")
+    return cell
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -300,15 +337,38 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read: {e}") from None
 
 
+def _apply_study(cfg: StudyConfig, name: str, seen: tuple[Path, ...] = ()) -> list[str]:
+    """Apply study `name` (cell or file) to cfg; returns the dotted keys it gave a value."""
+    cell = find_cell(name)
+    if cell is None:
+        return _apply_study_file(cfg, study_path(name), seen)
+    from harness.benchmark import cell_description, cell_layers
+
+    keys = []
+    for source, table in cell_layers(cell):
+        keys += apply_table(cfg, table, source)
+    cfg.description = cell_description(cell)
+    return keys
+
+
 def _apply_study_file(cfg: StudyConfig, path: Path, seen: tuple[Path, ...] = ()) -> list[str]:
     if path in seen:
         raise ConfigError(f"{path}: `extends` cycle: {' -> '.join(map(str, seen + (path,)))}")
     table = read_toml(path)
-    parent = table.get("extends")
     keys = []
-    if parent is not None:
-        keys = _apply_study_file(cfg, study_path(parent), seen + (path,))
-    return keys + apply_table(cfg, table, str(path))
+    if "extends" in table:
+        keys = _apply_study(cfg, _text(table["extends"], f"{path}: extends"), seen + (path,))
+    if "profile" in table:  # the file's own keys still override its profile's
+        profile = _text(table["profile"], f"{path}: profile")
+        keys += apply_table(cfg, read_toml(profile_path(profile)), f"{path}: profile {profile}")
+    own = {k: v for k, v in table.items() if k not in STUDY_FILE_KEYS}
+    return keys + apply_table(cfg, own, str(path))
+
+
+def _text(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a name, got {value!r}")
+    return value
 
 
 def profile_path(name: str) -> Path:
@@ -324,12 +384,17 @@ def profile_path(name: str) -> Path:
 
 
 def load_study(name: str, profile: str | None = None, overrides: list[str] = ()) -> StudyConfig:
-    """Resolve a study: defaults <- study file (and what it extends) <- profile <- overrides."""
+    """Resolve a study: defaults <- cell or study file (and what it extends) <- profile <-
+    overrides. A cell run on another data set (the `embedded` profile: glyphs) is named for it."""
     cfg = StudyConfig()
-    path = study_path(name)
-    explicit = _apply_study_file(cfg, path)
-    if not cfg.name:
-        cfg.name = path.stem
+    cell = find_cell(name)
+    explicit = _apply_study(cfg, name)
+    if cell is not None:
+        from harness.benchmark import cell_name
+
+        cfg.name = cell_name(cell)  # the alias spelling, whichever spelling was given
+    elif not cfg.name:
+        cfg.name = study_path(name).stem
     if profile:
         explicit += apply_table(cfg, read_toml(profile_path(profile)), f"profile {profile}")
     for item in overrides:
@@ -338,9 +403,22 @@ def load_study(name: str, profile: str | None = None, overrides: list[str] = ())
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.lr=1e-5")
         set_value(cfg, key.strip(), parse_cli_value(value.strip()) if value else value)
         explicit.append(key.strip())
+    if cell is not None and cfg.data.dataset != cell.dataset:
+        _name_for_dataset(cfg, cell, profile)
     validate(cfg)
     _fix_explicit_search_keys(cfg, set(explicit))
     return cfg
+
+
+def _name_for_dataset(cfg: StudyConfig, cell, profile: str | None) -> None:
+    """A cell that runs on another data set than its own is named and described for the data it
+    uses (`proxy_anchor_cub --profile embedded` is `proxy_anchor_glyphs`): a name must never
+    claim a data set the run did not see."""
+    from harness.benchmark import renamed_for_dataset
+
+    cfg.name, cfg.description = renamed_for_dataset(cell, cfg.data.dataset)
+    if profile:
+        cfg.description += f" (profile {Path(profile).stem})"
 
 
 def searched_keys(cfg: StudyConfig) -> set[str]:

@@ -2,7 +2,12 @@
 
     python -m harness.run --study quickstart
     python -m harness.run --study proxy_synthesis_cars --data-root /data/cars196
+    python -m harness.run --study proxy_anchor_cub --profile embedded   # on the glyphs
+    python -m harness.run --loss mypkg.losses:FancyLoss --loss-space fancy.toml --study cub
     python -m harness.run --list
+
+A study is a cell of the benchmark matrix, <loss>_<data set>[_paper] (docs/benchmark.md), or a
+study file (studies/NAME.toml or a path).
 
 Re-running the same command resumes: finished trials and finished final folds are kept.
 """
@@ -28,8 +33,17 @@ RESULTS_DIR = config_mod.STUDIES_DIR.parent / "results"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m harness.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--study", help="study name (studies/NAME.toml) or a path to a .toml file")
-    p.add_argument("--list", action="store_true", help="list the studies and exit")
+    p.add_argument("--study", help="a cell of the benchmark matrix (<loss>_<data set>[_paper], "
+                                   "e.g. proxy_anchor_cub), a study file (studies/NAME.toml or a "
+                                   "path); with --loss: a data set (cub, cars, sop, inshop)")
+    p.add_argument("--list", action="store_true", help="list the benchmark matrix and the study "
+                                                       "files, and exit")
+    p.add_argument("--loss", metavar="MODULE:CLASS",
+                   help="benchmark a loss class from your own code (a torch.nn.Module called as "
+                        "loss(embeddings, labels)); give it on every invocation of the run")
+    p.add_argument("--loss-space", metavar="FILE",
+                   help="with --loss: TOML file with its [space] (e.g. \"loss.margin\" = "
+                        "{low = 0, high = 1}), [defaults] and name (docs/benchmark.md)")
     p.add_argument("--profile", help="apply studies/profiles/NAME.toml over the study "
                                      "(e.g. 'embedded': the study on the glyph data, small budget)")
     p.add_argument("--data-root", help="folder holding the data set (see README: layouts)")
@@ -49,6 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def resolve_config(args: argparse.Namespace) -> StudyConfig:
+    study = _study_with_own_loss(args) if args.loss or args.loss_space else args.study
     overrides = list(args.overrides)
     flag_keys = {"trials": "search.trials", "reproductions": "final.reproductions",
                  "device": "train.device", "data_root": "data.root"}
@@ -56,7 +71,19 @@ def resolve_config(args: argparse.Namespace) -> StudyConfig:
         value = getattr(args, attr)
         if value is not None:
             overrides.append(f"{key}={json.dumps(value) if not isinstance(value, str) else value}")
-    return load_study(args.study, profile=args.profile, overrides=overrides)
+    return load_study(study, profile=args.profile, overrides=overrides)
+
+
+def _study_with_own_loss(args: argparse.Namespace) -> str:
+    """Register --loss; `--study cub` then means the cell of that loss on CUB (MLRC recipe)."""
+    from harness.benchmark import Cell, cell_name, dataset_by_name
+    from harness.own_loss import register_own_loss
+
+    if not args.loss:
+        raise ConfigError("--loss-space needs --loss MODULE:CLASS")
+    name = register_own_loss(args.loss, args.loss_space)
+    dataset = dataset_by_name(args.study or "")
+    return cell_name(Cell(name, dataset)) if dataset else args.study
 
 
 def output_dir(args: argparse.Namespace, cfg: StudyConfig) -> Path:
@@ -85,7 +112,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def list_studies() -> int:
-    for name in config_mod.list_studies():
+    """The benchmark matrix, one line per cell (name, description), then the study files."""
+    from harness.benchmark import cell_description, cell_name, cells, loss_row
+
+    print("# benchmark matrix: <loss>_<data set>[_<recipe>] (docs/benchmark.md); registry "
+          "spellings work too (proxy_synthesis_proxy_anchor_cars196); any cell runs on the "
+          "glyphs with --profile embedded")
+    previous = None
+    for cell in cells():
+        if cell.loss != previous:
+            print(f"\n## {cell.loss}" + (f" (alias {loss_row(cell.loss).alias})"
+                                         if loss_row(cell.loss).alias != cell.loss else ""))
+            previous = cell.loss
+        print(f"{cell_name(cell):40s} {cell_description(cell)}")
+    print("\n# study files (studies/NAME.toml)")
+    for name in config_mod.study_files():
         table = config_mod.read_toml(config_mod.study_path(name))
         print(f"{name:40s} {table.get('description', '')}")
     return 0

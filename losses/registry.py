@@ -19,6 +19,7 @@ Proxy Synthesis entries (`proxy_synthesis_<base>`) are generated from their base
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
@@ -401,6 +402,46 @@ def _proxy_synthesis_spec(name: str, base: LossSpec) -> LossSpec:
 LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in _BASE_SPECS}
 LOSSES.update({f"proxy_synthesis_{b}": _proxy_synthesis_spec(b, LOSSES[PROXY_SYNTHESIS_WRAPS[b]])
                for b in PROXY_SYNTHESIS_BASES})
+
+
+#: The entries of this file; register_external_loss never replaces one of them.
+BUILTIN_LOSSES = frozenset(LOSSES)
+#: Sizes of the one instance register_external_loss builds to see whether the loss has
+#: parameters (and that its class accepts the arguments) before anything trains.
+_PROBE_CLASSES, _PROBE_EMBEDDING = 4, 8
+
+
+def register_external_loss(name: str, cls: type, defaults: dict[str, Any],
+                           space: dict[str, SearchParam], reference: str) -> LossSpec:
+    """Register a pml-style loss class from the user's own code as loss `name` (`defaults`:
+    every parameter the harness may set, `space`: the searched ones, one range for every data
+    set). The class is called with `num_classes` / `embedding_size` keyword arguments when its
+    __init__ names them, plus the parameters. One instance is built now: a class that rejects
+    the arguments fails here, and `has_parameters` (own optimizer, searched train.loss_lr) is
+    whether that instance has trainable parameters. Registering `name` again replaces the
+    earlier external entry (ValueError for a built-in name or an unusable class)."""
+    if name in BUILTIN_LOSSES:
+        raise ValueError(f"loss name {name!r} is a built-in loss; choose another name")
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+        raise ValueError(f"{cls!r} is not a torch.nn.Module subclass (a pml-style loss: "
+                         f"forward(embeddings, labels))")
+    accepted = inspect.signature(cls).parameters
+    sizes = [k for k in ("num_classes", "embedding_size") if k in accepted]
+
+    def factory(num_classes, embedding_size, **params):
+        given = {"num_classes": num_classes, "embedding_size": embedding_size}
+        return cls(**{k: given[k] for k in sizes}, **params)
+
+    try:
+        probe = factory(_PROBE_CLASSES, _PROBE_EMBEDDING, **defaults)
+    except Exception as e:  # the user's class: any exception means it rejects the arguments
+        shown = {**{k: f"<{k}>" for k in sizes}, **defaults}
+        raise ValueError(f"{cls.__name__}({', '.join(f'{k}={v!r}' for k, v in shown.items())}) "
+                         f"failed: {type(e).__name__}: {e}") from None
+    has_parameters = any(p.requires_grad for p in probe.parameters())
+    spec = _spec(name, factory, defaults, space, has_parameters, reference)
+    LOSSES[name] = spec
+    return spec
 
 
 def get_loss_spec(name: str) -> LossSpec:

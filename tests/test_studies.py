@@ -1,33 +1,35 @@
-"""Every study file: it loads, it is fair (differs from its peers only in the loss), and it runs.
+"""Every cell of the benchmark matrix (loss x data set x recipe, generated from the registries):
+it loads, it is fair to its peers by construction, and each distinct configuration runs.
 
-The end-to-end part runs each distinct study configuration through the whole CLI protocol on
-tiny embedded data (`--profile embedded` plus a few `--set` to make it seconds), so CI proves
-that every study file is valid and its loss trains, validates, retrains and tests.
+The cells are enumerated from losses.registry.LOSSES, harness.datasets.DATASETS and the recipe
+files, never from a hard-coded list: a new loss or data set is covered without editing this file.
+The end-to-end part runs each distinct configuration through the whole CLI protocol on tiny
+embedded data (`--profile embedded` plus a few `--set` to make it seconds).
 """
 
 from __future__ import annotations
 
 import json
-import re
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from harness.config import list_studies, load_study, study_path
+from harness import benchmark
+from harness.benchmark import MLRC, Cell, cell_name, cells
+from harness.config import load_study, read_toml, study_files
 from harness.datasets import DATASETS
 from harness.run import main
 from harness.search import search_space
 from losses.registry import LOSSES
 
-STUDIES = [s for s in list_studies() if s != "quickstart"]
-DATASET_SUFFIX = {"cub": "cub200", "cars": "cars196", "sop": "sop", "inshop": "inshop"}
-SEED_METHODS = ("proxy_anchor", "proxy_nca_pp", "proxy_synthesis", "proxy_isa")
-STUDY_NAME = re.compile(r"^(?P<method>[a-z_]+?)_(?P<data>cub|cars|sop|inshop)(?P<paper>_paper)?$")
+CELLS = cells()
+MLRC_CELLS = [c for c in CELLS if c.recipe == MLRC]
+RECIPE_CELLS = [c for c in CELLS if c.recipe != MLRC]
+BENCHMARK_DATASETS = benchmark.benchmark_datasets()
 
-# What a study may change relative to the shared MLRC configuration (the dataclass defaults):
-# its loss and search space, its names, and (paper variants only) the recipe.
-FREE_KEYS = {"name", "description", "loss", "search.space"}
+# What an MLRC cell may change relative to its peers on the same data set: its loss, its search
+# space (the loss's, from the registry) and its names.
+FREE_KEYS = {"name", "description", "loss", "search.space", "search.fixed"}
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -41,65 +43,97 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def test_there_is_a_study_per_method_and_dataset():
-    methods = {STUDY_NAME.match(s)["method"] for s in STUDIES}
-    for method in ("proxy_anchor", "proxy_nca_pp", "proxy_synthesis", "proxy_synthesis_pa",
-                   "proxy_isa", "proxy_nca", "norm_softmax", "soft_triple", "cosface", "arcface",
-                   "multi_similarity", "contrastive", "triplet"):
-        assert method in methods
-        for suffix in DATASET_SUFFIX:
-            assert f"{method}_{suffix}" in STUDIES, f"missing study {method}_{suffix}"
-    for method in SEED_METHODS:
-        for suffix in DATASET_SUFFIX:
-            if method == "proxy_isa":
-                continue  # Proxy-ISA's paper recipe is MLRC's own (its Table 2 setting)
-            assert f"{method}_{suffix}_paper" in STUDIES
+def differing(a: dict, b: dict) -> set[str]:
+    a, b = flatten(a), flatten(b)
+    return {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
 
 
-@pytest.mark.parametrize("name", STUDIES)
-def test_study_loads_and_names_its_dataset_and_loss(name):
-    match = STUDY_NAME.match(name)
-    assert match, f"{name}: expected <method>_<cub|cars|sop|inshop>[_paper]"
+def test_the_matrix_has_every_loss_on_every_dataset():
+    names = {cell_name(c) for c in CELLS}
+    for loss in LOSSES:
+        for dataset in DATASETS:
+            if dataset == benchmark.EMBEDDED_DATASET:
+                continue
+            assert cell_name(Cell(loss, dataset)) in names
+    assert set(BENCHMARK_DATASETS) == set(DATASETS) - {"glyphs"}
+    assert len(names) == len(CELLS), "two cells share a name"
+
+
+def test_every_registry_entry_has_one_alias_row():
+    assert set(benchmark.LOSS_ROWS) == set(LOSSES)
+    assert set(benchmark.DATASET_ROWS) == set(DATASETS)
+    aliases = [r.alias for r in benchmark.LOSS_ROWS.values()]
+    assert len(set(aliases)) == len(aliases)
+
+
+def test_every_recipe_file_belongs_to_a_registered_loss():
+    files = sorted(benchmark.RECIPES_DIR.glob("*.toml"))
+    assert files
+    for path in files:
+        matches = [(loss, r) for loss in LOSSES for r in benchmark.RECIPES
+                   if path.stem == f"{loss}_{r}"]
+        assert matches, f"{path.name}: expected <loss registry name>_<recipe>.toml"
+
+
+def test_no_study_file_shadows_a_cell():
+    names = {cell_name(c) for c in CELLS}
+    assert not names & set(study_files())
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=cell_name)
+def test_cell_loads_and_names_its_dataset_and_loss(cell):
+    name = cell_name(cell)
     cfg = load_study(name)
-    assert cfg.data.dataset == DATASET_SUFFIX[match["data"]]
-    assert cfg.data.dataset in DATASETS
-    assert cfg.loss.name in LOSSES
+    assert (cfg.name, cfg.data.dataset, cfg.loss.name) == (name, cell.dataset, cell.loss)
     assert cfg.description
-    space = search_space(cfg)
-    assert space, f"{name}: empty search space"
+    assert search_space(cfg), f"{name}: empty search space"
+    registry_spelling = f"{cell.loss}_{cell.dataset}" + \
+        ("" if cell.recipe == MLRC else f"_{cell.recipe}")
+    assert load_study(registry_spelling).to_dict() == cfg.to_dict()
     embedded = load_study(name, profile="embedded")
-    assert embedded.data.dataset == "glyphs" and embedded.loss.name == cfg.loss.name
+    assert embedded.data.dataset == "glyphs" and embedded.loss.name == cell.loss
+    # named for the data it runs on, not for the data set of the cell it started from
+    assert embedded.name.startswith(f"{benchmark.loss_row(cell.loss).alias}_glyphs")
+    assert "glyphs" in embedded.description
 
 
-@pytest.mark.parametrize("name", [s for s in STUDIES if not s.endswith("_paper")])
-def test_mlrc_studies_share_everything_but_the_loss(name):
+@pytest.mark.parametrize("dataset", BENCHMARK_DATASETS)
+def test_mlrc_cells_on_a_dataset_differ_only_in_the_loss(dataset):
     """The fairness of the comparison: same trunk, data, budget, optimiser for every method."""
-    cfg = flatten(load_study(name).to_dict())
-    dataset = cfg["data.dataset"]
-    peer = next(s for s in STUDIES if not s.endswith("_paper") and s != name
-                and load_study(s).data.dataset == dataset)
-    peer_cfg = flatten(load_study(peer).to_dict())
-    differing = {k for k in cfg if cfg[k] != peer_cfg.get(k)} - FREE_KEYS
-    assert not differing, f"{name} vs {peer}: differ in {sorted(differing)}"
+    configs = {cell_name(c): load_study(cell_name(c)).to_dict() for c in MLRC_CELLS
+               if c.dataset == dataset}
+    assert len(configs) == len(LOSSES)
+    first_name, first = next(iter(configs.items()))
+    for name, cfg in configs.items():
+        assert not differing(cfg, first) - FREE_KEYS, f"{name} vs {first_name}"
 
 
-@pytest.mark.parametrize("name", [s for s in STUDIES if s.endswith("_paper")])
-def test_paper_variants_extend_their_mlrc_study(name):
-    text = study_path(name).read_text()
-    base = name.removesuffix("_paper")
-    assert f'extends = "{base}"' in text
-    assert load_study(name).loss.name == load_study(base).loss.name
+@pytest.mark.parametrize("cell", RECIPE_CELLS, ids=cell_name)
+def test_recipe_cells_differ_from_their_mlrc_cell_only_by_the_recipe(cell):
+    recipe = read_toml(benchmark.recipe_path(cell.loss, cell.recipe))
+    tables = [recipe, recipe.get("datasets", {}).get(cell.dataset, {})]
+    allowed = {"name", "description", "loss", "search.space", "search.fixed"}
+    for table in tables:
+        allowed |= set(flatten({k: v for k, v in table.items() if k != "datasets"}))
+    paper = load_study(cell_name(cell)).to_dict()
+    mlrc = load_study(cell_name(Cell(cell.loss, cell.dataset))).to_dict()
+    assert differing(paper, mlrc) <= allowed
+    assert paper["loss"]["name"] == mlrc["loss"]["name"]
 
 
-def test_proxy_synthesis_studies_name_their_base_loss():
-    bases = {load_study(s).loss.name for s in STUDIES if s.startswith("proxy_synthesis")}
-    assert {"proxy_synthesis_normalized_softmax", "proxy_synthesis_proxy_anchor"} <= bases
+def test_embedded_names_collide_only_for_identical_configurations():
+    """Two cells whose embedded runs differ never share a run folder name."""
+    by_name: dict[str, tuple[str, dict]] = {}
+    for cell in CELLS:
+        cfg = load_study(cell_name(cell), profile="embedded").to_dict()
+        seen = by_name.setdefault(cfg["name"], (cell_name(cell), cfg))
+        assert seen[1] == cfg, f"{seen[0]} and {cell_name(cell)} share name {cfg['name']}"
 
 
 def distinct_embedded_configs() -> list[str]:
     """One study per distinct configuration under the embedded profile (datasets collapse)."""
     seen, chosen = set(), []
-    for name in STUDIES:
+    for name in [cell_name(c) for c in CELLS] + study_files():
         cfg = load_study(name, profile="embedded").to_dict()
         key = json.dumps({k: v for k, v in cfg.items() if k not in ("name", "description")},
                          sort_keys=True, default=str)
