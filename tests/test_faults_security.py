@@ -74,14 +74,32 @@ def test_damaged_checkpoint_is_a_clear_error(tmp_path, tiny):
 
 
 def test_planted_checkpoint_through_the_cli_is_one_error_line(tmp_path, capsys, monkeypatch):
-    """A trial's fold folder holding a planted last.pt: the run stops with `error:`, exit 2."""
+    """A fold folder holding a planted last.pt that claims to be that fold's own (owner.json
+    matches): the run stops with `error:`, exit 2, and the payload never runs. (A last.pt in a
+    folder owned by another configuration is discarded without being read: run_folder.)"""
+    import optuna
+
+    from harness.config import load_study
+    from harness.run_folder import OWNER_FILE, fingerprint, write_json_atomic
+    from harness.search import config_for_params
+    from harness.seeds import reproduction_fold_seed
+
     monkeypatch.setenv("HARNESS_NO_PROGRESS", "1")
     study = write_study(tmp_path, tmp_path / "glyphs", iters=2)
     out = tmp_path / "run"
+    args = ["--study", str(study), "--output", str(out), "--device", "cpu", "--trials", "1"]
+    assert main(args) == 0
+    cfg = load_study(str(study), overrides=["search.trials=1", "train.device=cpu"])
+    best = optuna.load_study(study_name=cfg.name,
+                             storage=f"sqlite:///{out / 'study.db'}").best_trial
+    fold_dir = out / "final" / "rep_01" / "fold_0"
     marker = tmp_path / "pwned"
-    plant(out / "trials" / "trial_0000" / "fold_0" / "last.pt", marker)
-    assert main(["--study", str(study), "--output", str(out), "--device", "cpu",
-                 "--stage", "search"]) == 2
+    (fold_dir / "result.json").unlink()  # the fold is to be (re)done: it resumes from last.pt
+    plant(fold_dir / "last.pt", marker)
+    write_json_atomic(fold_dir / OWNER_FILE, {"fingerprint": fingerprint(
+        config_for_params(cfg, best.params), reproduction_fold_seed(cfg.seed, 1, 0))})
+    capsys.readouterr()
+    assert main(args + ["--stage", "final"]) == 2
     err = capsys.readouterr().err
     assert "error: " in err and "last.pt" in err and "Traceback" not in err
     assert not marker.exists()
