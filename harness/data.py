@@ -126,7 +126,8 @@ def batch_transform(cfg: StudyConfig, device: torch.device, train: bool) -> Batc
 
 
 def train_loader(cfg: StudyConfig, data: PreparedData, indices: np.ndarray, seed: int,
-                 device: torch.device) -> tuple[torch.utils.data.DataLoader, torch.utils.data.Sampler]:
+                 device: torch.device
+                 ) -> tuple[torch.utils.data.DataLoader, torch.utils.data.Sampler]:
     """The training loader of one fold; call `sampler.set_epoch(epoch)` before each epoch."""
     dataset = _dataset(cfg, data, indices, train=True)
     sampler = make_train_sampler(cfg, dataset.labels, seed)

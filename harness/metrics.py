@@ -140,8 +140,9 @@ def compute_embeddings(model: torch.nn.Module, loader, device, amp: bool = False
 
     `loader` yields (images, labels, ...) batches. Returns float32 CPU embeddings (N, D) and int64
     CPU labels (N), in loader order. `batch_transform`, when given, maps each batch on the device
-    before the model (the harness's loaders yield uint8 images; see harness/transforms.py). `amp` = bfloat16 autocast (CUDA only; ignored on CPU, where
-    the harness always runs float32). The model's train/eval mode is restored afterwards. The
+    before the model (the harness's loaders yield uint8 images; see harness/transforms.py).
+    `amp` = bfloat16 autocast (CUDA only; ignored on CPU, where the harness always runs
+    float32). The model's train/eval mode is restored afterwards. The
     progress bar is hidden when stderr is not a terminal or HARNESS_NO_PROGRESS=1.
     """
     device = torch.device(device)

@@ -49,7 +49,7 @@ from harness.seeds import SEARCH_STAGE, hash_seed, trial_fold_seed
 from harness.run_folder import claim_fold_dir, fingerprint, write_json_atomic
 from harness.storage import (COUNTED, MAX_RETRIES, RetryStaleTrial, open_storage_unlocked,
                              retrying, counted_trials,
-                             creation_lock, default_storage, fail_dead_local_trials,
+                             creation_lock, fail_dead_local_trials,
                              heartbeat_seconds)
 from harness.train import train_fold
 from losses.registry import SearchParam, get_loss_spec

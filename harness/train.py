@@ -251,7 +251,8 @@ def train_fold(cfg: StudyConfig, data: PreparedData, fold: Fold, device: torch.d
             state.update(best_map=metrics["map_at_r"], best_epoch=epoch, best_metrics=metrics)
             _atomic_save({"model": model.state_dict(), "loss": loss_fn.state_dict(),
                           "epoch": epoch, "metrics": metrics}, best_path)
-        epochs.set_postfix(loss=f"{float(loss.detach()):.3f}", map_at_r=f"{metrics['map_at_r']:.4f}",
+        epochs.set_postfix(loss=f"{float(loss.detach()):.3f}",
+                           map_at_r=f"{metrics['map_at_r']:.4f}",
                            best=f"{state['best_map']:.4f}")
         ckpt = {"model": model.state_dict(), "loss": loss_fn.state_dict(),
                 "model_opt": model_opt.state_dict(),

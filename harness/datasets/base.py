@@ -195,7 +195,8 @@ def check_images_exist(title: str, root: Path, paths: Sequence[Path]) -> None:
         missing.extend(p for p in files if p.name not in present and not p.is_file())
     if missing:
         shown = "\n  ".join(str(p) for p in missing[:SHOWN_PATHS])
-        more = f"\n  ... and {len(missing) - SHOWN_PATHS} more" if len(missing) > SHOWN_PATHS else ""
+        extra = len(missing) - SHOWN_PATHS
+        more = f"\n  ... and {extra} more" if extra > 0 else ""
         raise DatasetError(
             f"{title}: {len(missing):,} of the {len(paths):,} images listed are missing under "
             f"{root}; the first ones:\n  {shown}{more}\nIs the image archive fully extracted "
