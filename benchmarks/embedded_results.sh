@@ -9,8 +9,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 JOBS=${JOBS:-1}; DEVICE=${DEVICE:-auto}; WORKERS=${WORKERS:-0}
 mkdir -p results
-STUDIES="proxy_anchor_cub proxy_nca_pp_cub proxy_synthesis_cub proxy_synthesis_pa_cub
-         proxy_isa_cub norm_softmax_cub proxy_nca_cub multi_similarity_cub"
+# Any data set's cell gives the same embedded configuration; the runs are named for the glyphs
+# (results/embedded/<loss>_glyphs).
+STUDIES="proxy_anchor_glyphs proxy_nca_pp_glyphs proxy_synthesis_glyphs proxy_synthesis_pa_glyphs
+         proxy_isa_glyphs norm_softmax_glyphs proxy_nca_glyphs multi_similarity_glyphs"
 # Render the glyphs once, before parallel studies would each start rendering them.
 python -c "from harness.config import load_study; from harness.data import prepare_data; \
 prepare_data(load_study('quickstart'))"
