@@ -11,6 +11,9 @@ reproduction:
   * "concatenated": the 4 fold models' L2-normalised embeddings are joined (512-d) and
     re-normalised, then tested once per reproduction.
 
+The untrained model (the trunk as the study starts it, a random embedder) is tested once too
+(`untrained_baseline`): the floor that training must clearly beat.
+
 Resumable and safe: each result is its own JSON file, written atomically and tagged with the
 fingerprint of what it tests (a torn or foreign file is redone, never averaged);
 `test_metrics.csv` is regenerated from them. Results belong to the trial they name
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import math
 import os
 from pathlib import Path
@@ -35,6 +39,7 @@ from harness.config import StudyConfig
 from harness.data import PreparedData, batch_transform, eval_loader, query_gallery_indices
 from harness.metrics import compute_embeddings, retrieval_metrics
 from harness.progress import bar
+from harness.provenance import write_json
 from harness.errors import ConfigError, HarnessError
 from harness.run_folder import (claim_fold_dir, fingerprint, fold_dir_owned_by, move_aside,
                                 read_json, write_json_atomic)
@@ -65,6 +70,27 @@ def test_metrics(embeddings: dict[str, np.ndarray], device) -> dict[str, float]:
         return retrieval_metrics(q, ql, torch.from_numpy(embeddings["gallery_emb"]),
                                  torch.from_numpy(embeddings["gallery_labels"]), device=device)
     return retrieval_metrics(q, ql, device=device)  # MLRC: self-retrieval over the test classes
+
+
+def untrained_baseline(cfg: StudyConfig, data: PreparedData, output: Path, device) -> dict:
+    """Test metrics of the model before any training (pretrained trunk when the study uses one,
+    random embedder): the floor that training must clearly beat. Computed once per run folder
+    (final/untrained_metrics.json)."""
+    from harness.models import build_model
+    from harness.seeds import UNTRAINED_STAGE, hash_seed
+    from harness.train import seed_everything
+
+    path = output / "final" / "untrained_metrics.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    seed_everything(hash_seed(cfg.seed, UNTRAINED_STAGE))
+    m = cfg.model
+    model = build_model(trunk=m.trunk, pretrained=m.pretrained, weights=m.weights,
+                        pooling=m.pooling, layer_norm=m.layer_norm,
+                        embedding_size=m.embedding_size, freeze_bn=m.freeze_bn).to(device)
+    metrics = test_metrics(embed_test_set(cfg, model, data, device), device)
+    write_json(path, metrics)
+    return metrics
 
 
 def concatenate(fold_embeddings: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
