@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from harness.aggregate import METRICS
 from harness.config import StudyConfig
 from harness.data import PreparedData, batch_transform, eval_loader, query_gallery_indices
 from harness.metrics import compute_embeddings, retrieval_metrics
@@ -45,9 +46,6 @@ from harness.run_folder import (claim_fold_dir, fingerprint, fold_dir_owned_by, 
                                 read_json, write_json_atomic)
 from harness.seeds import reproduction_fold_seed, trial_fold_seed
 from harness.train import load_best_model, train_fold
-
-METRIC_COLUMNS = ("precision_at_1", "recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8",
-                  "r_precision", "map_at_r")
 
 
 def embed_test_set(cfg: StudyConfig, model, data: PreparedData, device) -> dict[str, np.ndarray]:
@@ -211,7 +209,7 @@ def _valid_result(row, print_: str) -> bool:
     if not isinstance(row, dict) or row.get("fingerprint") != print_ or "map_at_r" not in row:
         return False
     try:
-        return all(math.isfinite(float(row[k])) for k in METRIC_COLUMNS if k in row)
+        return all(math.isfinite(float(row[k])) for k in METRICS if k in row)
     except (TypeError, ValueError):
         return False
 
@@ -276,7 +274,7 @@ def _write_csv(final_dir: Path) -> pd.DataFrame:
             if isinstance(row, dict) and "fingerprint" in row:
                 rows.append({k: v for k, v in row.items() if k != "fingerprint"})
     frame = pd.DataFrame(rows, columns=["reproduction", "mode", "fold", "source", "val_map_at_r",
-                                        "best_epoch", "stop", *METRIC_COLUMNS])
+                                        "best_epoch", "stop", *METRICS])
     tmp = final_dir / f".test_metrics.{os.getpid()}.csv"
     frame.to_csv(tmp, index=False)
     os.replace(tmp, final_dir / "test_metrics.csv")
@@ -284,35 +282,4 @@ def _write_csv(final_dir: Path) -> pd.DataFrame:
 
 
 def _metric_row(metrics: dict) -> dict:
-    return {k: metrics[k] for k in METRIC_COLUMNS if k in metrics}
-
-
-def summarize(frame: pd.DataFrame) -> pd.DataFrame:
-    """Mean, std and 95% Student-t half-width per mode over reproductions.
-
-    "separated" is first averaged over the folds of each reproduction (MLRC: average the 4 fold
-    models' scores), so both modes have one value per reproduction.
-    """
-    from scipy import stats
-
-    keys = ["reproduction", "mode", "fold"]
-    duplicated = frame[frame.duplicated(keys, keep=False)]
-    if not duplicated.empty:  # never average two results of one fold model
-        raise HarnessError(f"test results hold {len(duplicated)} rows for the same (reproduction, "
-                           f"mode, fold): {duplicated[keys].drop_duplicates().to_dict('records')}")
-    per_rep = (frame.groupby(["mode", "reproduction"])[list(_present(frame))].mean()
-               .reset_index())
-    rows = []
-    for mode, group in per_rep.groupby("mode"):
-        for metric in _present(frame):
-            values = group[metric].to_numpy(dtype=float)
-            n = len(values)
-            std = float(values.std(ddof=1)) if n > 1 else float("nan")
-            half = float(stats.t.ppf(0.975, n - 1) * std / np.sqrt(n)) if n > 1 else float("nan")
-            rows.append({"mode": mode, "metric": metric, "mean": float(values.mean()),
-                         "std": std, "ci95": half, "n": n})
-    return pd.DataFrame(rows)
-
-
-def _present(frame: pd.DataFrame) -> list[str]:
-    return [c for c in METRIC_COLUMNS if c in frame.columns]
+    return {k: metrics[k] for k in METRICS if k in metrics}

@@ -43,6 +43,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from harness import aggregate
+from harness.aggregate import METRICS, MODES
 from harness.errors import HarnessError
 from harness.paper_numbers import PAPER_LABEL, REAL_DATASETS, paper_results
 
@@ -50,9 +52,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "results"
 DEFAULT_OUT = RESULTS_DIR / "report"
 
-MODES = ("separated", "concatenated")
-ALL_METRICS = ("precision_at_1", "recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8",
-               "r_precision", "map_at_r")
 TABLE_METRICS = ("precision_at_1", "r_precision", "map_at_r")
 SIGNIFICANCE_METRICS = ("map_at_r",)
 LABELS = {"precision_at_1": "P@1", "recall_at_1": "R@1", "recall_at_2": "R@2",
@@ -261,7 +260,7 @@ def read_test_metrics(csv: Path) -> tuple[pd.DataFrame, list[str]]:
         raise ReportError(f"{csv} lacks the columns {missing} (columns found: "
                           f"{', '.join(map(str, raw.columns[:10]))}); is it a test_metrics.csv "
                           f"written by harness.run?")
-    checked = ["reproduction", "mode", "fold"] + [m for m in ALL_METRICS if m in raw.columns]
+    checked = ["reproduction", "mode", "fold"] + [m for m in METRICS if m in raw.columns]
     empty = (raw[checked] == "").any(axis=1)
     notes = [f"{csv} line {i + 2}: empty {', '.join(c for c in checked if raw.at[i, c] == '')} "
              f"(the row is incomplete, cut short by a killed run?): left out"
@@ -292,38 +291,21 @@ def read_test_metrics(csv: Path) -> tuple[pd.DataFrame, list[str]]:
     return frame, notes
 
 
-def per_reproduction(frame: pd.DataFrame, folds: int | None = None
+def per_reproduction(frame: pd.DataFrame, csv: Path, folds: int | None = None
                      ) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
-    """One value per (mode, reproduction) from test_metrics.csv rows.
-
-    test_metrics.csv holds, per reproduction, one "separated" row per fold model (fold = 0..3)
-    and one "concatenated" row (fold = -1). Separated = mean over the fold rows. Only complete
-    reproductions (every fold and the concatenated row present) count; a resumed run may hold a
-    duplicated row, of which the last is kept.
-    """
-    needed = {"reproduction", "mode", "fold"}
-    if not needed <= set(frame.columns):
-        raise ReportError(f"test_metrics.csv lacks the columns {sorted(needed - set(frame))}")
-    metrics = [m for m in ALL_METRICS if m in frame.columns]
-    frame = frame.drop_duplicates(subset=["reproduction", "mode", "fold"], keep="last")
-    sep = frame[frame["mode"] == "separated"]
-    conc = frame[frame["mode"] == "concatenated"]
-    fold_counts = sep.groupby("reproduction")["fold"].nunique()
-    n_folds = folds or (int(fold_counts.max()) if len(fold_counts) else 0)
-    reps = sorted(set(frame["reproduction"]))
-    complete = [r for r in reps if fold_counts.get(r, 0) >= n_folds and
-                (conc["reproduction"] == r).any()]
+    """harness.aggregate.per_reproduction (the final step's own aggregation) of a run's rows:
+    its values, the separated rows counted, and a note on incomplete reproductions left out.
+    Two rows for one fold model are a ReportError naming the file."""
+    try:
+        per_rep = aggregate.per_reproduction(frame, folds)
+    except HarnessError as e:
+        raise ReportError(f"{csv}: {e}; the file is damaged. Move it away and re-run the final "
+                          f"stage (harness.run --stage final) to regenerate it") from None
     notes = []
-    incomplete = [r for r in reps if r not in complete]
-    if incomplete:
-        notes.append(f"reproduction(s) {incomplete} incomplete (fewer than {n_folds} fold rows "
-                     f"or no concatenated row): left out")
-    sep = sep[sep["reproduction"].isin(complete)]
-    conc = conc[conc["reproduction"].isin(complete)]
-    parts = {"separated": sep.groupby("reproduction")[metrics].mean(),
-             "concatenated": conc.set_index("reproduction")[metrics]}
-    per_rep = pd.concat(parts, names=["mode", "reproduction"]).sort_index()
-    return per_rep, sep, notes
+    if per_rep.incomplete:
+        notes.append(f"reproduction(s) {per_rep.incomplete} incomplete (fewer than "
+                     f"{per_rep.folds} fold rows or no concatenated row): left out")
+    return per_rep.values, per_rep.fold_rows, notes
 
 
 def load_run(path: Path) -> Run:
@@ -335,7 +317,8 @@ def load_run(path: Path) -> Run:
     csv = path / "final" / "test_metrics.csv"
     frame, csv_notes = read_test_metrics(csv)
     folds = config.get("search", {}).get("folds")
-    per_rep, fold_rows, notes = per_reproduction(frame, folds if isinstance(folds, int) else None)
+    per_rep, fold_rows, notes = per_reproduction(frame, csv,
+                                                 folds if isinstance(folds, int) else None)
     notes = csv_notes + notes
     if per_rep.empty:
         raise ReportError(f"{csv} holds no complete reproduction yet")
@@ -372,7 +355,7 @@ def _checked_untrained(path: Path) -> tuple[dict | None, str]:
     if untrained is None:
         return None, f"no {path.relative_to(path.parent.parent)}: no untrained row from this run"
     if isinstance(untrained, dict):
-        bad = [m for m in ALL_METRICS if m in untrained and not (
+        bad = [m for m in METRICS if m in untrained and not (
             isinstance(untrained[m], (int, float)) and not isinstance(untrained[m], bool)
             and math.isfinite(untrained[m]))]
         if not bad:
@@ -465,7 +448,7 @@ def dataset_table(runs: list[Run], dataset: str) -> pd.DataFrame:
                "max_iterations_per_fold": r.max_iterations,
                "mean_best_iteration": r.mean_best_iteration}
         for mode in MODES:
-            for metric in ALL_METRICS:
+            for metric in METRICS:
                 row[_col(mode, metric, "mean")], row[_col(mode, metric, "std")] = _mean_std(
                     r.values(mode, metric))
         rows.append(row)
@@ -482,7 +465,7 @@ def dataset_table(runs: list[Run], dataset: str) -> pd.DataFrame:
         rows.append(row)
     table = pd.DataFrame(rows)
     for mode in MODES:
-        for metric in ALL_METRICS:
+        for metric in METRICS:
             for stat in ("mean", "std"):
                 if _col(mode, metric, stat) not in table:
                     table[_col(mode, metric, stat)] = math.nan
@@ -499,7 +482,7 @@ def dataset_table(runs: list[Run], dataset: str) -> pd.DataFrame:
     for c in meta:
         if c not in table:
             table[c] = math.nan
-    values = [_col(mode, metric, stat) for mode in MODES for metric in ALL_METRICS
+    values = [_col(mode, metric, stat) for mode in MODES for metric in METRICS
               for stat in ("mean", "std", "best")]
     return table[meta + values + ["source", "protocol"]]
 
@@ -509,7 +492,7 @@ def _untrained_rows(runs: list[Run], dataset: str) -> list[dict]:
     groups: dict[tuple, list[Run]] = {}
     for r in runs:
         if r.untrained:
-            key = tuple(f"{float(r.untrained.get(m, math.nan)):.10g}" for m in ALL_METRICS)
+            key = tuple(f"{float(r.untrained.get(m, math.nan)):.10g}" for m in METRICS)
             groups.setdefault(key, []).append(r)
     rows = []
     for members in groups.values():
@@ -520,7 +503,7 @@ def _untrained_rows(runs: list[Run], dataset: str) -> list[dict]:
                "study": ", ".join(m.study for m in members),
                "run_dir": ", ".join(str(m.path) for m in members)}
         for mode in MODES:  # one model: 4 copies of it concatenated rank the same way
-            for metric in ALL_METRICS:
+            for metric in METRICS:
                 row[_col(mode, metric, "mean")] = float(u[metric]) if metric in u else math.nan
         rows.append(row)
     return rows

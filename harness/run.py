@@ -136,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
     # Imported here so that `--list` and config errors answer without loading torch models.
     from harness.data import prepare_data, resolve_device
     from harness.preflight import preflight
-    from harness.final import retrain_and_test, summarize, untrained_baseline
+    from harness.aggregate import summarize
+    from harness.final import retrain_and_test, untrained_baseline
     from harness.storage import default_storage, sqlite_path
     from harness.search import (best_trial, config_for_params, run_search,
                                 write_search_summary)

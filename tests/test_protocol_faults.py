@@ -24,7 +24,8 @@ import pytest
 from harness import search as search_mod
 from harness.config import load_study
 from harness.errors import ConfigError, HarnessError
-from harness.final import final_stage_lock, summarize
+from harness.aggregate import summarize
+from harness.final import final_stage_lock
 from harness.run import main
 from harness.run_folder import claim_fold_dir, fingerprint
 from harness.search import best_trial, make_sampler, search_space, suggest

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from harness.aggregate import summarize
 from harness.paper_numbers import PAPER_LABEL, PAPER_RESULTS, REAL_DATASETS, paper_results
 from harness.report import NEEDS_TWO, ReportError, build_report, find_run_dirs, holm, main
 from report_fakes import FACTORS, make_run
@@ -190,6 +191,30 @@ def test_incomplete_and_duplicated_reproductions(tmp_path):
     report = build_report([tmp_path / "r"], out=tmp_path / "out", plots=False)
     assert row(table(report), "r")["reproductions"] == 1
     assert any("incomplete" in n for n in report.notes)
+
+
+def test_duplicated_row_is_an_error_not_averaged(tmp_path):
+    # Two results of one fold model: the final step refuses to average them, so does the report.
+    extra = [{"reproduction": 0, "mode": "separated", "fold": 0,
+              **{m: 0.9 * f for m, f in FACTORS.items()}}]
+    make_run(tmp_path / "runs", "dup", sep=A_SEP, conc=A_CONC, extra_rows=extra)
+    make_run(tmp_path / "runs", "ok", sep=A_SEP, conc=A_CONC)
+    with pytest.raises(ReportError, match=r"dup/final/test_metrics.csv: .*same \(reproduction"):
+        build_report([tmp_path / "runs" / "dup"], out=tmp_path / "out", plots=False)
+    report = build_report([tmp_path / "runs"], out=tmp_path / "out", plots=False)
+    assert [r.label for r in report.runs] == ["ok"]
+    assert any("skipped" in n and "same (reproduction" in n for n in report.notes)
+
+
+def test_table_agrees_with_the_final_steps_summary(two_methods):
+    # One aggregation (harness.aggregate) for final/summary.csv and the report's tables.
+    for run in two_methods.runs:
+        frame = pd.read_csv(run.path / "final" / "test_metrics.csv")
+        summary = summarize(frame).set_index(["mode", "metric"])
+        r = row(table(two_methods), run.label)
+        for (mode, metric), s in summary.iterrows():
+            assert r[f"{mode}_{metric}_mean"] == pytest.approx(s["mean"], rel=1e-12)
+            assert r[f"{mode}_{metric}_std"] == pytest.approx(s["std"], rel=1e-12)
 
 
 def test_plots_and_index(tmp_path):
