@@ -71,6 +71,47 @@ def test_best_value_marked_per_column(two_methods):
     assert "method\\_a" in tex
 
 
+def _markdown_cells(md: str) -> list[list[tuple[str, bool]]]:
+    rows = [line for line in md.splitlines() if line.startswith("| ") and "***" not in line]
+    return [[(c.strip("*").replace("\\_", "_"), c.startswith("**"))
+             for c in line.strip("| ").split(" | ")] for line in rows[1:]]  # no header
+
+
+def _latex_cells(tex: str) -> list[list[tuple[str, bool]]]:
+    body = tex.split("\\midrule\n", 1)[1].split("\\bottomrule")[0]
+    rows = [line for line in body.splitlines() if " & " in line]
+    out = []
+    for line in rows:
+        cells = []
+        for c in line.removesuffix(" \\\\").split(" & "):
+            bold = c.startswith("\\textbf{")
+            c = c.removeprefix("\\textbf{").removesuffix("}") if bold else c
+            c = c.replace("$\\pm$", "±").replace("\\_", "_")
+            cells.append(("–" if c == "--" else c.strip(), bold))
+        out.append(cells)
+    return out
+
+
+def test_latex_table_equals_markdown_table(tmp_path):
+    # pandas writes the LaTeX, the harness the markdown: same cells, same best marks.
+    make_run(tmp_path, "proxy_anchor_cub", dataset="cub200", sep=A_SEP, conc=A_CONC)
+    make_run(tmp_path, "other_cub", dataset="cub200", loss="proxy_nca_pp", sep=B_SEP,
+             conc=B_CONC, p_at_1=B_P1, untrained=0.5)
+    report = build_report([tmp_path], out=tmp_path / "out", plots=False)
+    md = _markdown_cells((report.out / "table_cub200.md").read_text())
+    tex_text = (report.out / "table_cub200.tex").read_text()
+    tex = _latex_cells(tex_text)
+    assert len(md) == len(tex) >= 5  # 2 methods, 2 untrained rows, the paper rows
+    assert tex == md
+    assert sum(bold for row in tex for _, bold in row) == 6  # one best per value column (no tie)
+    lines = tex_text.splitlines()
+    paper = next(i for i, line in enumerate(lines) if "multicolumn" in line)
+    assert lines[paper - 1] == lines[paper + 1] == r"\midrule"
+    assert lines[paper + 2].startswith("Proxy")
+    assert lines[[i for i, line in enumerate(lines) if line.startswith("untrained")][0] - 1] \
+        == r"\midrule"
+
+
 def test_single_method_has_no_best_mark(tmp_path):
     make_run(tmp_path, "alone", sep=A_SEP, conc=A_CONC)
     report = build_report([tmp_path / "alone"], out=tmp_path / "out", plots=False)
