@@ -82,10 +82,7 @@ def untrained_baseline(cfg: StudyConfig, data: PreparedData, output: Path, devic
     if path.exists():
         return json.loads(path.read_text())
     seed_everything(hash_seed(cfg.seed, UNTRAINED_STAGE))
-    m = cfg.model
-    model = build_model(trunk=m.trunk, pretrained=m.pretrained, weights=m.weights,
-                        pooling=m.pooling, layer_norm=m.layer_norm,
-                        embedding_size=m.embedding_size, freeze_bn=m.freeze_bn).to(device)
+    model = build_model(cfg.model).to(device)
     metrics = test_metrics(embed_test_set(cfg, model, data, device), device)
     write_json(path, metrics)
     return metrics

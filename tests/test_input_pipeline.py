@@ -18,7 +18,8 @@ from harness.data import UInt8Images, loader_workers
 from harness.datasets.base import Records
 from harness.errors import DatasetError
 from harness.image_cache import build_or_open, resized_shape
-from harness.transforms import INPUT_NORMS, BatchNormalize, UInt8Crop, build_transforms
+from harness.models import TRUNKS
+from harness.transforms import BatchNormalize, UInt8Crop, build_transforms
 
 SHAPES = [(375, 500), (500, 375), (300, 300), (120, 457), (641, 97)]
 
@@ -85,7 +86,7 @@ def test_corrupt_image_names_the_file_and_leaves_no_half_cache(tmp_path):
     assert not any((tmp_path / "cache").glob("fake-*"))
 
 
-@pytest.mark.parametrize("trunk", sorted(INPUT_NORMS))
+@pytest.mark.parametrize("trunk", sorted(TRUNKS))
 def test_eval_path_equals_reference_transform(tmp_path, trunk):
     records = write_jpegs(tmp_path / "imgs")
     cache = build_or_open(records, 64, tmp_path / "cache", workers=1)

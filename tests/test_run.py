@@ -172,6 +172,15 @@ def test_cli_errors_are_clear_and_traceback_free(tmp_path, capsys, glyph_root):
     assert main(["--study", str(study), "--set", "train.lrate=1"]) == 2
     assert "unknown key 'lrate'" in capsys.readouterr().err
 
+    # Registry names are checked with the configuration, before anything runs.
+    for key, value in (("model.trunk", "resnet5"), ("data.dataset", "cubb"),
+                       ("train.optimizer", "adm")):
+        assert main(["--study", str(study), "--set", f"{key}={value}",
+                     "--output", str(tmp_path / "never")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {key}={value!r}: expected one of ") and "\n" == err[-1:]
+        assert err.count("\n") == 1 and not (tmp_path / "never").exists()
+
     assert main(["--study", "quickstart", "--set", "data.dataset=cub200", "--set",
                  "data.root=" + str(tmp_path / "missing"), "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
