@@ -336,7 +336,7 @@ def test_report_folder_is_not_scanned(tmp_path):
 @pytest.mark.slow
 def test_report_on_a_real_tiny_run(tmp_path, monkeypatch):
     from harness.run import main as run_main
-    from test_run import write_study
+    from conftest import write_study
 
     monkeypatch.setenv("HARNESS_NO_PROGRESS", "1")
     study = write_study(tmp_path, tmp_path / "glyphs")  # test_run's tiny study, 2 reproductions
