@@ -562,10 +562,18 @@ def validate(cfg: StudyConfig) -> None:
     if t.batch_size % t.m_per_class:
         raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of "
                           f"train.m_per_class ({t.m_per_class})")
+    # The registries are the one source of each list of names (imported here: they load torch
+    # and the data-set readers, which `--list` and most config errors never need).
+    from harness.datasets import DATASETS
+    from harness.models import POOLINGS, TRUNKS
+    from harness.train import OPTIMIZERS
+
     choices = {
-        "train.optimizer": (t.optimizer, ("rmsprop", "adam", "adamw", "sgd")),
-        "train.loss_optimizer": (t.loss_optimizer, ("rmsprop", "adam", "adamw", "sgd")),
-        "model.pooling": (cfg.model.pooling, ("avg", "max", "avgmax")),
+        "data.dataset": (cfg.data.dataset, tuple(DATASETS)),
+        "model.trunk": (cfg.model.trunk, tuple(TRUNKS)),
+        "train.optimizer": (t.optimizer, tuple(OPTIMIZERS)),
+        "train.loss_optimizer": (t.loss_optimizer, tuple(OPTIMIZERS)),
+        "model.pooling": (cfg.model.pooling, POOLINGS),
         "search.sampler": (cfg.search.sampler, ("gp", "tpe", "random")),
         "train.sampler": (t.sampler, ("mlrc", "per_batch")),
         "search.pruner": (cfg.search.pruner, ("none", "median", "hyperband")),

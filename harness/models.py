@@ -34,6 +34,7 @@ import torchvision
 from torch import nn
 
 from harness.bninception import BNInception, adapt_cadene_state_dict
+from harness.config import ModelConfig
 from harness.errors import ConfigError, WeightsError
 
 POOLINGS = ("avg", "max", "avgmax")
@@ -93,11 +94,26 @@ def _drop_classifier(prefix: str) -> Callable[[dict, dict], dict]:
 
 
 @dataclass(frozen=True)
+class InputNorm:
+    """The input a trunk expects (harness.transforms applies it)."""
+
+    bgr_255: bool  # reorder to BGR and scale to 0-255 before mean/std (Caffe-ported weights)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    hflip: bool  # default for training-time horizontal flips
+
+
+IMAGENET = InputNorm(bgr_255=False, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                     hflip=True)
+
+
+@dataclass(frozen=True)
 class TrunkSpec:
-    """How to build a trunk and where its pretrained weights come from."""
+    """How to build a trunk, what input it expects and where its pretrained weights come from."""
 
     build: Callable[[], nn.Module]
     feature_dim: int
+    input_norm: InputNorm
     weight_files: tuple[str, ...]  # file names looked for in the torch hub cache, in order
     weight_source: str  # where a user gets the file (for error messages)
     adapt_state_dict: Callable[[dict, dict], dict]  # (file's state dict, trunk's) -> loadable
@@ -106,6 +122,9 @@ class TrunkSpec:
 TRUNKS: dict[str, TrunkSpec] = {
     "bninception": TrunkSpec(
         build=BNInception, feature_dim=1024,
+        # The Caffe convention of the ported weights: BGR, 0-255, minus the channel means.
+        input_norm=InputNorm(bgr_255=True, mean=(104.0, 117.0, 128.0), std=(1.0, 1.0, 1.0),
+                             hflip=True),
         # 52deb4733: the file MLRC, Proxy Anchor and pretrainedmodels 0.7.4 use;
         # 239d2248: the name in Cadene's current repository (same architecture).
         weight_files=("bn_inception-52deb4733.pth", "bn_inception-239d2248.pth"),
@@ -114,18 +133,23 @@ TRUNKS: dict[str, TrunkSpec] = {
         adapt_state_dict=adapt_cadene_state_dict),
     "resnet18": TrunkSpec(
         build=lambda: ResNetTrunk(torchvision.models.resnet18(weights=None)), feature_dim=512,
-        weight_files=("resnet18-f37072fd.pth",),
+        input_norm=IMAGENET, weight_files=("resnet18-f37072fd.pth",),
         weight_source="https://download.pytorch.org/models/resnet18-f37072fd.pth "
                       "(torchvision ResNet18_Weights.IMAGENET1K_V1)",
         adapt_state_dict=_drop_classifier("fc.")),
     "resnet50": TrunkSpec(
         build=lambda: ResNetTrunk(torchvision.models.resnet50(weights=None)), feature_dim=2048,
-        weight_files=("resnet50-0676ba61.pth",),
+        input_norm=IMAGENET, weight_files=("resnet50-0676ba61.pth",),
         weight_source="https://download.pytorch.org/models/resnet50-0676ba61.pth "
                       "(torchvision ResNet50_Weights.IMAGENET1K_V1)",
         adapt_state_dict=_drop_classifier("fc.")),
     "small_cnn": TrunkSpec(
-        build=SmallCNN, feature_dim=SmallCNN.WIDTHS[-1], weight_files=(),
+        build=SmallCNN, feature_dim=SmallCNN.WIDTHS[-1],
+        # Random init, so just centred. No flips: the glyphs are characters, and a mirrored
+        # character is another character (or none).
+        input_norm=InputNorm(bgr_255=False, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                             hflip=False),
+        weight_files=(),
         weight_source="", adapt_state_dict=lambda state, expected: state),
 }
 
@@ -188,18 +212,23 @@ class EmbeddingModel(nn.Module):
         return self.embedder(self.norm(self.pool(self.trunk(x))))
 
 
-def build_model(trunk: str = "bninception", pretrained: bool = True, weights: str = "",
-                pooling: str = "avg", layer_norm: bool = False, embedding_size: int = 128,
-                freeze_bn: bool = True) -> EmbeddingModel:
-    """An EmbeddingModel with the named trunk; see the module docstring for the weights rules."""
-    spec = _trunk_spec(trunk)
-    if embedding_size < 1:
-        raise ConfigError(f"model.embedding_size must be >= 1, got {embedding_size}")
+def build_model(model: ModelConfig) -> EmbeddingModel:
+    """The EmbeddingModel `model` describes; see the module docstring for the weights rules
+    (with model.pretrained false, no weight file is looked for)."""
+    spec = _trunk_spec(model.trunk)
+    if model.embedding_size < 1:
+        raise ConfigError(f"model.embedding_size must be >= 1, got {model.embedding_size}")
     net = spec.build()
-    if pretrained:
-        load_trunk_weights(net, trunk, weights)
-    return EmbeddingModel(net, spec.feature_dim, pooling=pooling, layer_norm=layer_norm,
-                          embedding_size=embedding_size, freeze_bn=freeze_bn)
+    if model.pretrained:
+        load_trunk_weights(net, model.trunk, model.weights)
+    return EmbeddingModel(net, spec.feature_dim, pooling=model.pooling,
+                          layer_norm=model.layer_norm, embedding_size=model.embedding_size,
+                          freeze_bn=model.freeze_bn)
+
+
+def input_norm(trunk: str) -> InputNorm:
+    """The input normalisation of a registered trunk (ConfigError for another name)."""
+    return _trunk_spec(trunk).input_norm
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,10 +35,8 @@ def preflight(cfg: StudyConfig, data: PreparedData, device: torch.device) -> Non
 
 
 def _check_model(cfg: StudyConfig) -> None:
-    m = cfg.model
     # build_model raises WeightsError / ConfigError with the file and what to do.
-    build_model(trunk=m.trunk, pretrained=m.pretrained, weights=m.weights, pooling=m.pooling,
-                layer_norm=m.layer_norm, embedding_size=m.embedding_size, freeze_bn=m.freeze_bn)
+    build_model(cfg.model)
 
 
 def _check_loss(cfg: StudyConfig, num_classes: int, where: str) -> None:

@@ -136,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
     # Imported here so that `--list` and config errors answer without loading torch models.
     from harness.data import prepare_data, resolve_device
     from harness.preflight import preflight
-    from harness.retrain import retrain_and_test, summarize
+    from harness.aggregate import summarize
+    from harness.final import retrain_and_test, untrained_baseline
     from harness.storage import default_storage, sqlite_path
     from harness.search import (best_trial, config_for_params, run_search,
                                 write_search_summary)
@@ -183,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
                  "params": best.params, "value": best.value}
     frame = retrain_and_test(best_cfg, data, output, device, best_info,
                              cfg.final.reproductions)
-    untrained = _untrained_baseline(best_cfg, data, output, device)
+    untrained = untrained_baseline(best_cfg, data, output, device)
     table = summarize(frame)
     table.to_csv(output / "final" / "summary.csv", index=False)
     write_json(output / "final" / "summary.json", {
@@ -228,27 +229,6 @@ def _log_invocation(output: Path, device, storage: str) -> None:
     runs = json.loads(path.read_text()) if path.exists() else []
     runs.append(provenance(device, storage=storage))
     write_json(path, runs)
-
-
-def _untrained_baseline(cfg: StudyConfig, data, output: Path, device) -> dict:
-    """Test metrics of the model before any training (pretrained trunk when the study uses one,
-    random embedder): the floor that training must clearly beat."""
-    from harness.models import build_model
-    from harness.retrain import embed_test_set, test_metrics
-    from harness.seeds import UNTRAINED_STAGE, hash_seed
-    from harness.train import seed_everything
-
-    path = output / "final" / "untrained_metrics.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    seed_everything(hash_seed(cfg.seed, UNTRAINED_STAGE))
-    m = cfg.model
-    model = build_model(trunk=m.trunk, pretrained=m.pretrained, weights=m.weights,
-                        pooling=m.pooling, layer_norm=m.layer_norm,
-                        embedding_size=m.embedding_size, freeze_bn=m.freeze_bn).to(device)
-    metrics = test_metrics(embed_test_set(cfg, model, data, device), device)
-    write_json(path, metrics)
-    return metrics
 
 
 def _print_summary(cfg: StudyConfig, table, untrained: dict) -> None:

@@ -15,9 +15,9 @@ One readable loop (nanoGPT-style). Per fold:
 
 from __future__ import annotations
 
-import math
 import os
 import random
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -62,25 +62,32 @@ def seed_everything(*seed_parts: int) -> None:
     torch.manual_seed(seed)
 
 
+# The optimisers a study may name (train.optimizer, train.loss_optimizer): config.validate
+# checks names against this table, make_optimizer builds from it.
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "rmsprop": lambda params, lr, weight_decay, momentum, adam_eps: torch.optim.RMSprop(
+        params, lr=lr, momentum=momentum, weight_decay=weight_decay),
+    "adam": lambda params, lr, weight_decay, momentum, adam_eps: torch.optim.Adam(
+        params, lr=lr, weight_decay=weight_decay, eps=adam_eps),
+    "adamw": lambda params, lr, weight_decay, momentum, adam_eps: torch.optim.AdamW(
+        params, lr=lr, weight_decay=weight_decay, eps=adam_eps),
+    "sgd": lambda params, lr, weight_decay, momentum, adam_eps: torch.optim.SGD(
+        params, lr=lr, momentum=momentum, weight_decay=weight_decay),
+}
+
+
 def make_optimizer(name: str, params, lr: float, weight_decay: float, momentum: float,
                    adam_eps: float) -> torch.optim.Optimizer:
-    if name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, eps=adam_eps)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, eps=adam_eps)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}")
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}")
+    return OPTIMIZERS[name](params, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                            adam_eps=adam_eps)
 
 
 def build_fold_modules(cfg: StudyConfig, num_classes: int, device: torch.device):
     """Model, loss and their optimizers for one fold."""
     m = cfg.model
-    model = build_model(trunk=m.trunk, pretrained=m.pretrained, weights=m.weights,
-                        pooling=m.pooling, layer_norm=m.layer_norm,
-                        embedding_size=m.embedding_size, freeze_bn=m.freeze_bn).to(device)
+    model = build_model(m).to(device)
     if device.type == "cuda" and cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     # dataset: on some data sets MLRC fixed a parameter it searches elsewhere (SoftTriple's
@@ -276,10 +283,8 @@ def train_fold(cfg: StudyConfig, data: PreparedData, fold: Fold, device: torch.d
 
 def load_best_model(cfg: StudyConfig, checkpoint: Path, device: torch.device):
     """The fold model saved in best.pt, ready for embedding (no pretrained lookup needed)."""
-    m = cfg.model
-    model = build_model(trunk=m.trunk, pretrained=False, pooling=m.pooling,
-                        layer_norm=m.layer_norm, embedding_size=m.embedding_size,
-                        freeze_bn=m.freeze_bn).to(device)
+    # The checkpoint holds every weight: no pretrained file is looked for.
+    model = build_model(dataclasses.replace(cfg.model, pretrained=False)).to(device)
     ckpt = load_checkpoint(Path(checkpoint), device)
     try:
         model.load_state_dict(ckpt["model"])
@@ -287,10 +292,6 @@ def load_best_model(cfg: StudyConfig, checkpoint: Path, device: torch.device):
         raise CheckpointError(f"{checkpoint} does not fit the study's model ({str(e)[:300]}). "
                               f"Delete it to retrain that fold.") from None
     return model.eval()
-
-
-def is_finite(x: float) -> bool:
-    return x is not None and math.isfinite(x)
 
 
 __all__ = ["FoldResult", "train_fold", "validate", "load_best_model", "load_checkpoint",

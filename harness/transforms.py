@@ -1,4 +1,5 @@
-"""Image transforms of the MLRC protocol, with each trunk's input normalisation.
+"""Image transforms of the MLRC protocol, with each trunk's input normalisation (held by the
+trunk registry, harness.models TRUNKS).
 
 Train: Resize(resize) -> RandomResizedCrop(crop, scale, ratio) -> RandomHorizontalFlip.
 Eval:  Resize(resize) -> CenterCrop(crop).
@@ -16,33 +17,13 @@ Every transform is a module-level class (no lambdas) so DataLoader workers can p
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from harness.errors import ConfigError
-
-
-@dataclass(frozen=True)
-class InputNorm:
-    bgr_255: bool  # reorder to BGR and scale to 0-255 before mean/std (Caffe-ported weights)
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    hflip: bool  # default for training-time horizontal flips
-
-
-IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-INPUT_NORMS: dict[str, InputNorm] = {
-    "bninception": InputNorm(bgr_255=True, mean=(104.0, 117.0, 128.0), std=(1.0, 1.0, 1.0),
-                             hflip=True),
-    "resnet18": InputNorm(bgr_255=False, **IMAGENET, hflip=True),
-    "resnet50": InputNorm(bgr_255=False, **IMAGENET, hflip=True),
-    "small_cnn": InputNorm(bgr_255=False, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-                           hflip=False),
-}
+from harness.models import input_norm
 
 
 class EnsureRGB:
@@ -71,10 +52,7 @@ def build_transforms(trunk: str, resize: int = 256, crop: int = 227, train: bool
                      scale=(0.16, 1.0), ratio=(0.75, 1.33),
                      hflip: bool | None = None) -> Callable:
     """The PIL image -> tensor transform for `trunk`; `hflip` None = the trunk's default."""
-    if trunk not in INPUT_NORMS:
-        raise ConfigError(f"model.trunk {trunk!r}: no input normalisation known; expected one "
-                          f"of {', '.join(INPUT_NORMS)}")
-    norm = INPUT_NORMS[trunk]
+    norm = input_norm(trunk)
     steps: list[Callable] = [EnsureRGB(), T.Resize(resize)]
     if train:
         steps.append(T.RandomResizedCrop(crop, scale=tuple(scale), ratio=tuple(ratio)))
@@ -140,10 +118,7 @@ class BatchNormalize(torch.nn.Module):
     def __init__(self, trunk: str, train: bool, hflip: bool | None = None,
                  channels_last: bool = False):
         super().__init__()
-        if trunk not in INPUT_NORMS:
-            raise ConfigError(f"model.trunk {trunk!r}: no input normalisation known; expected "
-                              f"one of {', '.join(INPUT_NORMS)}")
-        norm = INPUT_NORMS[trunk]
+        norm = input_norm(trunk)
         self.flip = train and (norm.hflip if hflip is None else hflip)
         self.bgr_255 = norm.bgr_255
         scale = 1.0 if norm.bgr_255 else 255.0  # ToTensor's /255, folded into mean and std

@@ -26,16 +26,11 @@ from harness.search import open_study
 from harness.storage import (HEARTBEAT_ATTR, HeartbeatJournalStorage, fail_dead_local_trials,
                              journal_path, open_storage, redact_url)
 from harness.workers import main as workers_main
-from test_run import write_study
+from conftest import write_study
 
 SECRET = "s3cr3t-pw"
 PG_URL = f"postgresql+psycopg://harness:{SECRET}@dbhost:5432/harness"
 FAST_ENV = {"HARNESS_NO_PROGRESS": "1", "HARNESS_HEARTBEAT_S": "1", "HARNESS_GRACE_S": "3"}
-
-
-@pytest.fixture(scope="module")
-def glyph_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("glyphs")
 
 
 def tiny_study(tmp_path: Path, glyph_root: Path, trials: int, iters: int = 3) -> Path:

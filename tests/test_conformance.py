@@ -21,7 +21,8 @@ from scipy import stats
 
 from harness.config import StudyConfig, load_study
 from harness.datasets import DATASETS
-from harness.retrain import reproduction_plan, summarize
+from harness.aggregate import summarize
+from harness.final import reproduction_plan
 from harness.sampler import MLRC_LIST_LENGTH, MLRCPassSampler
 from harness.search import (LOSS_LR_SPACE, SobolThenGPSampler, make_pruner, make_sampler,
                             search_space, startup_trials)

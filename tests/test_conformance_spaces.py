@@ -14,7 +14,7 @@ from harness.datasets import DATASETS as HARNESS_DATASETS
 from losses import LOSSES, build_loss, get_loss_spec
 from losses.registry import (DATASETS, MLRC_DATASETS, PROXY_SYNTHESIS_BASES,
                              PROXY_SYNTHESIS_WRAPS, SearchParam)
-from test_losses import m_per_class_labels
+from conftest import m_per_class_labels
 
 PLOTS = "powerful-benchmarker v0.9.33 docs/papers/mlrc_plots/"
 PREFIX = {"cub200": "cub", "cars196": "cars", "sop": "sop"}

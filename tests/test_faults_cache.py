@@ -19,7 +19,7 @@ import pytest
 from harness import image_cache
 from harness.errors import DatasetError
 from harness.image_cache import build_or_open, remove_stale_builds
-from test_input_pipeline import write_jpegs
+from conftest import write_jpegs
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -69,7 +69,7 @@ SLOW_BUILD = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from pathlib import Path
     from harness import image_cache
-    from test_input_pipeline import write_jpegs
+    from conftest import write_jpegs
 
     real = image_cache._decode_chunk
 

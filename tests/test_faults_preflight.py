@@ -14,7 +14,7 @@ from harness.data import prepare_data
 from harness.errors import ConfigError, WeightsError
 from harness.preflight import preflight
 from harness.run import main
-from test_run import write_study
+from conftest import write_study
 
 
 def trial_rows(out) -> int:

@@ -17,7 +17,7 @@ from harness.provenance import provenance, redact_word
 from harness.run import main
 from harness.train import CheckpointError, load_best_model, train_fold
 from losses.registry import LOSSES, build_loss
-from test_run import write_study
+from conftest import write_study
 
 CPU = torch.device("cpu")
 

@@ -12,32 +12,14 @@ import torch
 from PIL import Image
 from torchvision.transforms import functional as TF
 
+from conftest import SHAPES, write_jpegs
 from harness import image_cache
 from harness.config import load_study
 from harness.data import UInt8Images, loader_workers
-from harness.datasets.base import Records
 from harness.errors import DatasetError
 from harness.image_cache import build_or_open, resized_shape
-from harness.transforms import INPUT_NORMS, BatchNormalize, UInt8Crop, build_transforms
-
-SHAPES = [(375, 500), (500, 375), (300, 300), (120, 457), (641, 97)]
-
-
-def write_jpegs(folder: Path, shapes=SHAPES, seed=0) -> Records:
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, (h, w) in enumerate(shapes):
-        # smooth content (JPEG of pure noise is fine too, but smooth images resize less trivially)
-        yy, xx = np.mgrid[0:h, 0:w]
-        img = np.stack([(xx * (i + 1)) % 256, (yy * 3) % 256,
-                        rng.integers(0, 256, (h, w))], axis=2).astype(np.uint8)
-        path = folder / f"img_{i}.jpg"
-        Image.fromarray(img).save(path, quality=90)
-        paths.append(path)
-    return Records(name="fake", labels=np.arange(len(paths)) % 2, paths=paths, images=None,
-                   partition=None, root=folder)
-
+from harness.models import TRUNKS
+from harness.transforms import BatchNormalize, UInt8Crop, build_transforms
 
 def test_resized_shape_is_torchvision_resize():
     for h, w in SHAPES + [(10, 11), (11, 10)]:
@@ -85,7 +67,7 @@ def test_corrupt_image_names_the_file_and_leaves_no_half_cache(tmp_path):
     assert not any((tmp_path / "cache").glob("fake-*"))
 
 
-@pytest.mark.parametrize("trunk", sorted(INPUT_NORMS))
+@pytest.mark.parametrize("trunk", sorted(TRUNKS))
 def test_eval_path_equals_reference_transform(tmp_path, trunk):
     records = write_jpegs(tmp_path / "imgs")
     cache = build_or_open(records, 64, tmp_path / "cache", workers=1)

@@ -2,7 +2,7 @@
 
 The references are written from the formulas with explicit Python loops over samples and proxies
 in float64 (torch scalars, so autograd gives reference gradients too); they never call the
-implementation. Other test files import `ref_proxy_anchor` and `make_batch` from here.
+implementation (tests/conftest.py, shared with the other loss test files).
 """
 
 import math
@@ -12,92 +12,10 @@ import torch
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import regularizers as pml_regularizers
 
+from conftest import (BF16_TOL, DTYPES, assert_close, m_per_class_labels, make_batch,
+                      ref_grads, ref_proxy_anchor, ref_proxy_nca_pp, run, unit)
 from losses import ProxyAnchorLoss, ProxyISALoss, ProxyNCAPlusPlusLoss, ProxySynthesisLoss
 from losses import SparseCentersRegularizer, build_loss
-
-DTYPES = [torch.float32, torch.float64]
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
-BF16_TOL = dict(rtol=2e-2, atol=2e-2)  # bf16 matmuls under CPU autocast: ~3 significant digits
-
-
-# -------------------------------------------------------------------------------------------
-# Shared helpers (also imported by the other loss test files)
-# -------------------------------------------------------------------------------------------
-def m_per_class_labels(classes, m):
-    """[c0]*m + [c1]*m + ...: what an m-per-class sampler yields."""
-    return torch.tensor([c for c in classes for _ in range(m)])
-
-
-def make_batch(labels, num_classes, dim=16, seed=0, near=0.0):
-    """float64 leaf tensors X (B, D), P (C, D); `near` > 0 pulls each x toward its proxy."""
-    g = torch.Generator().manual_seed(seed)
-    P = torch.randn(num_classes, dim, generator=g, dtype=torch.float64)
-    X = torch.randn(len(labels), dim, generator=g, dtype=torch.float64)
-    if near:
-        X = X + near * P[labels] / P[labels].norm(dim=1, keepdim=True) * math.sqrt(dim)
-    return X.requires_grad_(), P.requires_grad_()
-
-
-def unit(v):
-    return v / torch.sqrt(torch.sum(v * v))
-
-
-def ref_proxy_anchor(X, labels, P, alpha=32.0, delta=0.1, weights=None, z_pos=None, z_neg=None):
-    """Proxy Anchor from its formula; weights[i][c] multiplies the exponent (Proxy-ISA)."""
-    ys = [int(y) for y in labels]
-    xs = [unit(X[i]) for i in range(len(ys))]
-    ps = [unit(P[c]) for c in range(P.shape[0])]
-    with_pos = sorted(set(ys))
-    zero = torch.zeros((), dtype=torch.float64)
-    pos_total, neg_total = zero, zero
-    for c, p in enumerate(ps):
-        pos_sum, neg_sum = zero, zero
-        for i, x in enumerate(xs):
-            s = torch.dot(x, p)
-            m = 1.0 if weights is None else weights[i][c]
-            if ys[i] == c:
-                pos_sum = pos_sum + torch.exp(alpha * m * (delta - s))
-            else:
-                neg_sum = neg_sum + torch.exp(alpha * m * (s + delta))
-        if c in with_pos:
-            pos_total = pos_total + torch.log(1.0 + pos_sum)
-        neg_total = neg_total + torch.log(1.0 + neg_sum)
-    z_pos = len(with_pos) if z_pos is None else z_pos
-    z_neg = len(ps) if z_neg is None else z_neg
-    return pos_total / z_pos + neg_total / z_neg
-
-
-def ref_proxy_nca_pp(X, labels, P, temperature):
-    """-log softmax(-||x^ - p^||^2 / T) at the true proxy, averaged over the batch."""
-    total = 0.0
-    ps = [unit(P[c]) for c in range(P.shape[0])]
-    for i, y in enumerate(int(v) for v in labels):
-        x = unit(X[i])
-        d = [torch.sum((x - p) ** 2) / temperature for p in ps]
-        total = total + d[y] + torch.log(sum(torch.exp(-dc) for dc in d))
-    return total / len(labels)
-
-
-def run(loss, X, P, labels, dtype, param="proxies"):
-    """Loss value and (embedding, proxy) gradients with X, P cast to `dtype`."""
-    with torch.no_grad():
-        getattr(loss, param).copy_(P.detach().to(dtype))  # P already in the parameter's layout
-    x = X.detach().to(dtype).requires_grad_()
-    loss.zero_grad()
-    value = loss(x, labels)
-    value.backward()
-    return value, x.grad, getattr(loss, param).grad
-
-
-def ref_grads(ref_value, X, P):
-    gx, gp = torch.autograd.grad(ref_value, (X, P))
-    return gx, gp
-
-
-def assert_close(actual, expected, dtype_or_tol):
-    tol = TOL[dtype_or_tol] if isinstance(dtype_or_tol, torch.dtype) else dtype_or_tol
-    torch.testing.assert_close(actual.detach().double(), expected.detach().double(), **tol)
-
 
 # -------------------------------------------------------------------------------------------
 # Proxy Anchor

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from losses import ProxyAnchorLoss, ProxyISALoss
-from test_losses import (
+from conftest import (
     BF16_TOL, TOL, assert_close, m_per_class_labels, make_batch, ref_proxy_anchor, run, unit,
 )
 

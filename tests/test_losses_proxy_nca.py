@@ -8,7 +8,7 @@ import torch
 from pytorch_metric_learning import losses as pml_losses
 
 from losses import ProxyNCALogSoftmaxLoss, ProxySynthesisLoss, build_loss
-from test_losses import DTYPES, TOL, assert_close, m_per_class_labels, make_batch, unit
+from conftest import DTYPES, TOL, assert_close, m_per_class_labels, make_batch, unit
 
 C, D = 10, 16
 

@@ -17,7 +17,7 @@ from losses import ProxyAnchorLoss, ProxyISALoss, ProxyNCALogSoftmaxLoss, ProxyN
 from losses import ProxySynthesisLoss
 from losses import SparseCentersRegularizer
 from losses.proxy_synthesis import different_class_partners, sample_beta
-from test_losses import (
+from conftest import (
     BF16_TOL, TOL, assert_close, m_per_class_labels, make_batch, ref_proxy_anchor, unit,
 )
 

@@ -9,7 +9,7 @@ import torch
 from losses import LOSSES, ProxySynthesisLoss, build_loss, get_loss_spec
 from losses.registry import (DATASETS, PROXY_SYNTHESIS_BASES, PROXY_SYNTHESIS_WRAPS, LossSpec,
                              SearchParam)
-from test_losses import m_per_class_labels
+from conftest import m_per_class_labels
 
 NUM_CLASSES, EMBEDDING_SIZE = 10, 16
 REQUIRED = [

@@ -8,6 +8,7 @@ from PIL import Image
 
 from harness.bninception import BNInception
 from harness.errors import ConfigError, WeightsError
+from harness.config import ModelConfig
 from harness.models import TRUNKS, GlobalPool, build_model
 from harness.transforms import build_transforms
 
@@ -29,6 +30,11 @@ def no_network(monkeypatch):
 def empty_torch_home(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     return tmp_path / "torch_home"
+
+
+def model_for(trunk: str, **model) -> torch.nn.Module:
+    """build_model for a ModelConfig with this trunk and these fields (the others default)."""
+    return build_model(ModelConfig(trunk=trunk, **model))
 
 
 def images(trunk, batch=2, seed=0):
@@ -54,7 +60,7 @@ def randomise_bn_statistics(net, seed=0):
 @pytest.mark.parametrize("trunk", sorted(TRUNKS))
 def test_every_trunk_embeds(trunk):
     torch.manual_seed(0)
-    model = build_model(trunk, pretrained=False, embedding_size=24).eval()
+    model = model_for(trunk, pretrained=False, embedding_size=24).eval()
     with torch.no_grad():
         out = model(images(trunk))
         features = model.trunk(images(trunk))
@@ -75,12 +81,12 @@ def test_global_pool_variants():
     assert GlobalPool("max")(x).tolist() == [[3.0, 7.0]]
     assert GlobalPool("avgmax")(x).tolist() == [[4.5, 12.5]]
     with pytest.raises(ConfigError, match="pooling"):
-        build_model("small_cnn", pretrained=False, pooling="gem")
+        model_for("small_cnn", pretrained=False, pooling="gem")
 
 
 @pytest.mark.parametrize("pooling", ["avg", "max", "avgmax"])
 def test_model_pooling_is_used(pooling):
-    model = build_model("small_cnn", pretrained=False, pooling=pooling, embedding_size=8).eval()
+    model = model_for("small_cnn", pretrained=False, pooling=pooling, embedding_size=8).eval()
     x = images("small_cnn")
     with torch.no_grad():
         expected = model.embedder(GlobalPool(pooling)(model.trunk(x)))
@@ -88,9 +94,9 @@ def test_model_pooling_is_used(pooling):
 
 
 def test_layer_norm_option():
-    plain = build_model("small_cnn", pretrained=False)
+    plain = model_for("small_cnn", pretrained=False)
     assert isinstance(plain.norm, torch.nn.Identity)
-    model = build_model("small_cnn", pretrained=False, layer_norm=True).eval()
+    model = model_for("small_cnn", pretrained=False, layer_norm=True).eval()
     assert isinstance(model.norm, torch.nn.LayerNorm)
     assert not model.norm.elementwise_affine and model.norm.normalized_shape == (192,)
     x = images("small_cnn")
@@ -103,7 +109,7 @@ def test_layer_norm_option():
 
 
 def test_small_cnn_is_small():
-    params = sum(p.numel() for p in build_model("small_cnn", pretrained=False).trunk.parameters())
+    params = sum(p.numel() for p in model_for("small_cnn", pretrained=False).trunk.parameters())
     assert 100_000 <= params <= 300_000
 
 
@@ -122,7 +128,7 @@ def training_step(model):
 
 
 def test_freeze_bn_keeps_statistics_and_trains_affine():
-    model = build_model("small_cnn", pretrained=False, freeze_bn=True)
+    model = model_for("small_cnn", pretrained=False, freeze_bn=True)
     model.train()
     assert model.training and model.embedder.training
     assert all(not bn.training for bn in bn_layers(model))
@@ -139,7 +145,7 @@ def test_freeze_bn_keeps_statistics_and_trains_affine():
 
 
 def test_freeze_bn_off_updates_statistics():
-    model = build_model("small_cnn", pretrained=False, freeze_bn=False).train()
+    model = model_for("small_cnn", pretrained=False, freeze_bn=False).train()
     assert all(bn.training for bn in bn_layers(model))
     before = bn_layers(model)[0].running_mean.clone()
     training_step(model)
@@ -147,7 +153,7 @@ def test_freeze_bn_off_updates_statistics():
 
 
 def test_freeze_bn_covers_bninception():
-    model = build_model("bninception", pretrained=False).train()
+    model = model_for("bninception", pretrained=False).train()
     assert len(bn_layers(model)) == 69 and all(not bn.training for bn in bn_layers(model))
 
 
@@ -178,7 +184,7 @@ def test_bninception_weights_round_trip(tmp_path, style):
         cadene_style_file(source, path)
     else:
         torch.save(source.state_dict(), path)
-    model = build_model("bninception", weights=str(path)).eval()
+    model = model_for("bninception", weights=str(path)).eval()
     x = images("bninception")
     with torch.no_grad():
         assert torch.equal(model.trunk(x), source(x))
@@ -190,7 +196,7 @@ def test_bninception_found_in_torch_hub_cache(empty_torch_home):
     cache = empty_torch_home / "hub" / "checkpoints"
     cache.mkdir(parents=True)
     cadene_style_file(source, cache / "bn_inception-52deb4733.pth")
-    model = build_model("bninception")
+    model = model_for("bninception")
     assert torch.equal(model.trunk.inception_5b_pool_proj_bn.running_var,
                        source.inception_5b_pool_proj_bn.running_var)
 
@@ -202,7 +208,7 @@ def test_wrong_file_names_the_keys(tmp_path):
     path = tmp_path / "wrong.pth"
     torch.save(state, path)
     with pytest.raises(WeightsError) as err:
-        build_model("bninception", weights=str(path))
+        model_for("bninception", weights=str(path))
     message = str(err.value)
     assert "missing keys: inception_4a_1x1.weight" in message
     assert "unexpected keys: renamed_conv.weight" in message
@@ -213,24 +219,24 @@ def test_other_architecture_file_is_refused(tmp_path):
     path = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), path)
     with pytest.raises(WeightsError, match=r"missing keys: conv1_7x7_s2\.weight.*more"):
-        build_model("bninception", weights=str(path))
+        model_for("bninception", weights=str(path))
 
 
 def test_unreadable_file(tmp_path):
     path = tmp_path / "garbage.pth"
     path.write_bytes(b"not a torch file")
     with pytest.raises(WeightsError, match="not a readable torch weight file"):
-        build_model("bninception", weights=str(path))
+        model_for("bninception", weights=str(path))
 
 
 def test_missing_weights_path(tmp_path):
     with pytest.raises(WeightsError, match="no such file.*model.pretrained=false"):
-        build_model("bninception", weights=str(tmp_path / "absent.pth"))
+        model_for("bninception", weights=str(tmp_path / "absent.pth"))
 
 
 def test_pretrained_without_file_says_what_to_do(empty_torch_home):
     with pytest.raises(WeightsError) as err:
-        build_model("bninception")
+        model_for("bninception")
     message = str(err.value)
     assert "bn_inception-52deb4733.pth" in message  # the file looked for / to get
     assert str(empty_torch_home) in message  # where it was looked for
@@ -239,12 +245,12 @@ def test_pretrained_without_file_says_what_to_do(empty_torch_home):
 
 def test_small_cnn_has_no_published_weights(empty_torch_home):
     with pytest.raises(ConfigError, match="model.pretrained=false"):
-        build_model("small_cnn", pretrained=True)
+        model_for("small_cnn", pretrained=True)
 
 
 def test_unknown_trunk():
     with pytest.raises(ConfigError, match="resnet18"):
-        build_model("vgg16", pretrained=False)
+        model_for("vgg16", pretrained=False)
 
 
 # -------------------------------------------------------------------------------------------
@@ -257,7 +263,7 @@ def test_resnet_weights_from_torch_hub_cache(empty_torch_home):
     cache = empty_torch_home / "hub" / "checkpoints"
     cache.mkdir(parents=True)
     torch.save(source.state_dict(), cache / "resnet18-f37072fd.pth")  # with fc, as torchvision's
-    model = build_model("resnet18").eval()
+    model = model_for("resnet18").eval()
     source.eval()
     x = images("resnet18")
     with torch.no_grad():
@@ -268,7 +274,7 @@ def test_resnet_weights_from_torch_hub_cache(empty_torch_home):
 
 def test_resnet_without_file(empty_torch_home):
     with pytest.raises(WeightsError, match="resnet50-0676ba61.pth.*model.pretrained=false"):
-        build_model("resnet50")
+        model_for("resnet50")
 
 
 # -------------------------------------------------------------------------------------------

@@ -24,19 +24,15 @@ import pytest
 from harness import search as search_mod
 from harness.config import load_study
 from harness.errors import ConfigError, HarnessError
-from harness.retrain import final_stage_lock, summarize
+from harness.aggregate import summarize
+from harness.final import final_stage_lock
 from harness.run import main
 from harness.run_folder import claim_fold_dir, fingerprint
 from harness.search import best_trial, make_sampler, search_space, suggest
 from harness.train import FoldResult
-from test_run import REPO, load, write_study
+from conftest import REPO, load, write_study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-@pytest.fixture(scope="module")
-def glyph_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("glyphs")
 
 
 @pytest.fixture(autouse=True)

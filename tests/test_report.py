@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from harness.aggregate import summarize
 from harness.paper_numbers import PAPER_LABEL, PAPER_RESULTS, REAL_DATASETS, paper_results
 from harness.report import NEEDS_TWO, ReportError, build_report, find_run_dirs, holm, main
 from report_fakes import FACTORS, make_run
@@ -68,6 +69,47 @@ def test_best_value_marked_per_column(two_methods):
     tex = (two_methods.out / "table_glyphs.tex").read_text()
     assert r"\textbf{35.00 $\pm$ 5.00}" in tex and r"\begin{tabular}" in tex
     assert "method\\_a" in tex
+
+
+def _markdown_cells(md: str) -> list[list[tuple[str, bool]]]:
+    rows = [line for line in md.splitlines() if line.startswith("| ") and "***" not in line]
+    return [[(c.strip("*").replace("\\_", "_"), c.startswith("**"))
+             for c in line.strip("| ").split(" | ")] for line in rows[1:]]  # no header
+
+
+def _latex_cells(tex: str) -> list[list[tuple[str, bool]]]:
+    body = tex.split("\\midrule\n", 1)[1].split("\\bottomrule")[0]
+    rows = [line for line in body.splitlines() if " & " in line]
+    out = []
+    for line in rows:
+        cells = []
+        for c in line.removesuffix(" \\\\").split(" & "):
+            bold = c.startswith("\\textbf{")
+            c = c.removeprefix("\\textbf{").removesuffix("}") if bold else c
+            c = c.replace("$\\pm$", "±").replace("\\_", "_")
+            cells.append(("–" if c == "--" else c.strip(), bold))
+        out.append(cells)
+    return out
+
+
+def test_latex_table_equals_markdown_table(tmp_path):
+    # pandas writes the LaTeX, the harness the markdown: same cells, same best marks.
+    make_run(tmp_path, "proxy_anchor_cub", dataset="cub200", sep=A_SEP, conc=A_CONC)
+    make_run(tmp_path, "other_cub", dataset="cub200", loss="proxy_nca_pp", sep=B_SEP,
+             conc=B_CONC, p_at_1=B_P1, untrained=0.5)
+    report = build_report([tmp_path], out=tmp_path / "out", plots=False)
+    md = _markdown_cells((report.out / "table_cub200.md").read_text())
+    tex_text = (report.out / "table_cub200.tex").read_text()
+    tex = _latex_cells(tex_text)
+    assert len(md) == len(tex) >= 5  # 2 methods, 2 untrained rows, the paper rows
+    assert tex == md
+    assert sum(bold for row in tex for _, bold in row) == 6  # one best per value column (no tie)
+    lines = tex_text.splitlines()
+    paper = next(i for i, line in enumerate(lines) if "multicolumn" in line)
+    assert lines[paper - 1] == lines[paper + 1] == r"\midrule"
+    assert lines[paper + 2].startswith("Proxy")
+    assert lines[[i for i, line in enumerate(lines) if line.startswith("untrained")][0] - 1] \
+        == r"\midrule"
 
 
 def test_single_method_has_no_best_mark(tmp_path):
@@ -192,6 +234,30 @@ def test_incomplete_and_duplicated_reproductions(tmp_path):
     assert any("incomplete" in n for n in report.notes)
 
 
+def test_duplicated_row_is_an_error_not_averaged(tmp_path):
+    # Two results of one fold model: the final step refuses to average them, so does the report.
+    extra = [{"reproduction": 0, "mode": "separated", "fold": 0,
+              **{m: 0.9 * f for m, f in FACTORS.items()}}]
+    make_run(tmp_path / "runs", "dup", sep=A_SEP, conc=A_CONC, extra_rows=extra)
+    make_run(tmp_path / "runs", "ok", sep=A_SEP, conc=A_CONC)
+    with pytest.raises(ReportError, match=r"dup/final/test_metrics.csv: .*same \(reproduction"):
+        build_report([tmp_path / "runs" / "dup"], out=tmp_path / "out", plots=False)
+    report = build_report([tmp_path / "runs"], out=tmp_path / "out", plots=False)
+    assert [r.label for r in report.runs] == ["ok"]
+    assert any("skipped" in n and "same (reproduction" in n for n in report.notes)
+
+
+def test_table_agrees_with_the_final_steps_summary(two_methods):
+    # One aggregation (harness.aggregate) for final/summary.csv and the report's tables.
+    for run in two_methods.runs:
+        frame = pd.read_csv(run.path / "final" / "test_metrics.csv")
+        summary = summarize(frame).set_index(["mode", "metric"])
+        r = row(table(two_methods), run.label)
+        for (mode, metric), s in summary.iterrows():
+            assert r[f"{mode}_{metric}_mean"] == pytest.approx(s["mean"], rel=1e-12)
+            assert r[f"{mode}_{metric}_std"] == pytest.approx(s["std"], rel=1e-12)
+
+
 def test_plots_and_index(tmp_path):
     make_run(tmp_path, "a", sep=A_SEP, conc=A_CONC, history=True, study_trials=4)
     make_run(tmp_path, "b", sep=B_SEP, conc=B_CONC, history=True, study_trials=1)
@@ -270,7 +336,7 @@ def test_report_folder_is_not_scanned(tmp_path):
 @pytest.mark.slow
 def test_report_on_a_real_tiny_run(tmp_path, monkeypatch):
     from harness.run import main as run_main
-    from test_run import write_study
+    from conftest import write_study
 
     monkeypatch.setenv("HARNESS_NO_PROGRESS", "1")
     study = write_study(tmp_path, tmp_path / "glyphs")  # test_run's tiny study, 2 reproductions

@@ -8,68 +8,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import optuna
 import pandas as pd
 import pytest
 
+from conftest import REPO, load, write_study
 from harness.run import main
-
-REPO = Path(__file__).resolve().parent.parent
-
-TINY_STUDY = """
-description = "tiny end-to-end study for tests"
-[data]
-dataset = "glyphs"
-root = "{root}"
-glyph_classes = 32
-glyph_per_class = 8
-resize = 36
-crop = 32
-scale_min = 0.5
-num_workers = 0
-[model]
-trunk = "small_cnn"
-pretrained = false
-embedding_size = 16
-freeze_bn = false
-[loss]
-name = "{loss}"
-[train]
-optimizer = "adam"
-lr = 1e-3
-loss_optimizer = "adam"
-batch_size = 16
-iters_per_epoch = {iters}
-max_epochs = 2
-val_every_epochs = 1
-patience = 5
-eval_batch_size = 64
-[search]
-trials = 2
-n_startup_trials = 1
-pruner = "none"
-[final]
-reproductions = 1
-"""
-
-
-@pytest.fixture(scope="module")
-def glyph_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("glyphs")
-
-
-def write_study(tmp_path: Path, glyph_root: Path, loss: str = "proxy_anchor", iters: int = 3,
-                name: str = "tiny") -> Path:
-    path = tmp_path / f"{name}.toml"
-    path.write_text(TINY_STUDY.format(root=glyph_root, loss=loss, iters=iters))
-    return path
-
-
-def load(output: Path, name: str = "tiny") -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=f"sqlite:///{output / 'study.db'}")
-
 
 @pytest.mark.slow
 def test_whole_protocol_then_resume(tmp_path, glyph_root, monkeypatch):
@@ -171,6 +115,15 @@ def test_cli_errors_are_clear_and_traceback_free(tmp_path, capsys, glyph_root):
     study = write_study(tmp_path, glyph_root)
     assert main(["--study", str(study), "--set", "train.lrate=1"]) == 2
     assert "unknown key 'lrate'" in capsys.readouterr().err
+
+    # Registry names are checked with the configuration, before anything runs.
+    for key, value in (("model.trunk", "resnet5"), ("data.dataset", "cubb"),
+                       ("train.optimizer", "adm")):
+        assert main(["--study", str(study), "--set", f"{key}={value}",
+                     "--output", str(tmp_path / "never")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {key}={value!r}: expected one of ") and "\n" == err[-1:]
+        assert err.count("\n") == 1 and not (tmp_path / "never").exists()
 
     assert main(["--study", "quickstart", "--set", "data.dataset=cub200", "--set",
                  "data.root=" + str(tmp_path / "missing"), "--output", str(tmp_path / "o")]) == 2

@@ -149,11 +149,6 @@ TINY = ["data.glyph_classes=16", "data.glyph_per_class=6", "train.batch_size=12"
         "final.reproductions=1"]
 
 
-@pytest.fixture(scope="module")
-def glyph_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("glyphs")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", distinct_embedded_configs())
 def test_every_study_runs_end_to_end_on_embedded_data(name, tmp_path, glyph_root):

@@ -22,16 +22,11 @@ from harness.data import prepare_data
 from harness.search import fold_steps, make_pruner, open_study, prune_within_folds
 from harness.storage import COUNTED, sqlite_path
 from harness.workers import main as workers_main
-from test_run import REPO, load, write_study
+from conftest import REPO, load, write_study
 
 # Workers inherit these: quiet logs and a fast heartbeat so that a dead worker's trial is
 # declared stale within seconds (defaults: 30 s heartbeat, 120 s grace).
 FAST_ENV = {"HARNESS_NO_PROGRESS": "1", "HARNESS_HEARTBEAT_S": "1", "HARNESS_GRACE_S": "3"}
-
-
-@pytest.fixture(scope="module")
-def glyph_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("glyphs")
 
 
 @pytest.fixture

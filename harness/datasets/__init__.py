@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from harness.datasets import cars, cub, glyphs, inshop, sop
-from harness.datasets.base import DatasetSpec, ImageDataset, Records
+from harness.datasets.base import DatasetSpec, Records
 from harness.errors import DatasetError
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -49,5 +49,5 @@ def load_records(name: str, root: Path | str, check_counts: bool = True, **optio
     return get_dataset(name).load(Path(root).expanduser(), check_counts=check_counts, **options)
 
 
-__all__ = ["Records", "ImageDataset", "DatasetSpec", "DATASETS", "get_dataset", "load_records",
+__all__ = ["Records", "DatasetSpec", "DATASETS", "get_dataset", "load_records",
            "DatasetError"]

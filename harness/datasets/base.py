@@ -1,6 +1,6 @@
-"""What every dataset reader shares: the `Records` table, the torch `ImageDataset` over a subset
-of it, the `DatasetSpec` registry entry, and the checks that turn a bad folder into a clear
-`DatasetError` (what is missing, what was expected, where).
+"""What every dataset reader shares: the `Records` table, the `DatasetSpec` registry entry, and
+the checks that turn a bad folder into a clear `DatasetError` (what is missing, what was expected,
+where).
 
 Readers never decode images when they load a dataset: they parse the listing files, check that
 every listed file exists (a directory listing, not a decode), and check the standard counts. A
@@ -13,10 +13,9 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 
 from harness.errors import DatasetError
@@ -85,31 +84,6 @@ def permission_error(title: str, path: Path | str) -> DatasetError:
                         f"harness may not read it (a permission problem, not a damaged file). "
                         f"Fix its permissions (e.g. chmod -R a+rX on the data folder) or run as "
                         f"a user who can read it.")
-
-
-class ImageDataset(torch.utils.data.Dataset):
-    """The images `indices` of `records`, transformed; items are (image, int label)."""
-
-    def __init__(self, records: Records, indices: np.ndarray,
-                 transform: Callable | None = None):
-        self.records = records
-        self.indices = np.asarray(indices, dtype=np.int64)
-        self.transform = transform
-
-    @property
-    def labels(self) -> np.ndarray:
-        """Labels of the selected images, in dataset order (what samplers need)."""
-        return self.records.labels[self.indices]
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, j: int) -> tuple[Any, int]:
-        i = int(self.indices[j])
-        image = self.records.load_image(i)
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, int(self.records.labels[i])
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,9 @@ reproduction:
   * "concatenated": the 4 fold models' L2-normalised embeddings are joined (512-d) and
     re-normalised, then tested once per reproduction.
 
+The untrained model (the trunk as the study starts it, a random embedder) is tested once too
+(`untrained_baseline`): the floor that training must clearly beat.
+
 Resumable and safe: each result is its own JSON file, written atomically and tagged with the
 fingerprint of what it tests (a torn or foreign file is redone, never averaged);
 `test_metrics.csv` is regenerated from them. Results belong to the trial they name
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import math
 import os
 from pathlib import Path
@@ -31,18 +35,17 @@ import numpy as np
 import pandas as pd
 import torch
 
+from harness.aggregate import METRICS
 from harness.config import StudyConfig
 from harness.data import PreparedData, batch_transform, eval_loader, query_gallery_indices
 from harness.metrics import compute_embeddings, retrieval_metrics
 from harness.progress import bar
+from harness.provenance import write_json
 from harness.errors import ConfigError, HarnessError
 from harness.run_folder import (claim_fold_dir, fingerprint, fold_dir_owned_by, move_aside,
                                 read_json, write_json_atomic)
 from harness.seeds import reproduction_fold_seed, trial_fold_seed
 from harness.train import load_best_model, train_fold
-
-METRIC_COLUMNS = ("precision_at_1", "recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8",
-                  "r_precision", "map_at_r")
 
 
 def embed_test_set(cfg: StudyConfig, model, data: PreparedData, device) -> dict[str, np.ndarray]:
@@ -65,6 +68,24 @@ def test_metrics(embeddings: dict[str, np.ndarray], device) -> dict[str, float]:
         return retrieval_metrics(q, ql, torch.from_numpy(embeddings["gallery_emb"]),
                                  torch.from_numpy(embeddings["gallery_labels"]), device=device)
     return retrieval_metrics(q, ql, device=device)  # MLRC: self-retrieval over the test classes
+
+
+def untrained_baseline(cfg: StudyConfig, data: PreparedData, output: Path, device) -> dict:
+    """Test metrics of the model before any training (pretrained trunk when the study uses one,
+    random embedder): the floor that training must clearly beat. Computed once per run folder
+    (final/untrained_metrics.json)."""
+    from harness.models import build_model
+    from harness.seeds import UNTRAINED_STAGE, hash_seed
+    from harness.train import seed_everything
+
+    path = output / "final" / "untrained_metrics.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    seed_everything(hash_seed(cfg.seed, UNTRAINED_STAGE))
+    model = build_model(cfg.model).to(device)
+    metrics = test_metrics(embed_test_set(cfg, model, data, device), device)
+    write_json(path, metrics)
+    return metrics
 
 
 def concatenate(fold_embeddings: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -185,7 +206,7 @@ def _valid_result(row, print_: str) -> bool:
     if not isinstance(row, dict) or row.get("fingerprint") != print_ or "map_at_r" not in row:
         return False
     try:
-        return all(math.isfinite(float(row[k])) for k in METRIC_COLUMNS if k in row)
+        return all(math.isfinite(float(row[k])) for k in METRICS if k in row)
     except (TypeError, ValueError):
         return False
 
@@ -250,7 +271,7 @@ def _write_csv(final_dir: Path) -> pd.DataFrame:
             if isinstance(row, dict) and "fingerprint" in row:
                 rows.append({k: v for k, v in row.items() if k != "fingerprint"})
     frame = pd.DataFrame(rows, columns=["reproduction", "mode", "fold", "source", "val_map_at_r",
-                                        "best_epoch", "stop", *METRIC_COLUMNS])
+                                        "best_epoch", "stop", *METRICS])
     tmp = final_dir / f".test_metrics.{os.getpid()}.csv"
     frame.to_csv(tmp, index=False)
     os.replace(tmp, final_dir / "test_metrics.csv")
@@ -258,35 +279,4 @@ def _write_csv(final_dir: Path) -> pd.DataFrame:
 
 
 def _metric_row(metrics: dict) -> dict:
-    return {k: metrics[k] for k in METRIC_COLUMNS if k in metrics}
-
-
-def summarize(frame: pd.DataFrame) -> pd.DataFrame:
-    """Mean, std and 95% Student-t half-width per mode over reproductions.
-
-    "separated" is first averaged over the folds of each reproduction (MLRC: average the 4 fold
-    models' scores), so both modes have one value per reproduction.
-    """
-    from scipy import stats
-
-    keys = ["reproduction", "mode", "fold"]
-    duplicated = frame[frame.duplicated(keys, keep=False)]
-    if not duplicated.empty:  # never average two results of one fold model
-        raise HarnessError(f"test results hold {len(duplicated)} rows for the same (reproduction, "
-                           f"mode, fold): {duplicated[keys].drop_duplicates().to_dict('records')}")
-    per_rep = (frame.groupby(["mode", "reproduction"])[list(_present(frame))].mean()
-               .reset_index())
-    rows = []
-    for mode, group in per_rep.groupby("mode"):
-        for metric in _present(frame):
-            values = group[metric].to_numpy(dtype=float)
-            n = len(values)
-            std = float(values.std(ddof=1)) if n > 1 else float("nan")
-            half = float(stats.t.ppf(0.975, n - 1) * std / np.sqrt(n)) if n > 1 else float("nan")
-            rows.append({"mode": mode, "metric": metric, "mean": float(values.mean()),
-                         "std": std, "ci95": half, "n": n})
-    return pd.DataFrame(rows)
-
-
-def _present(frame: pd.DataFrame) -> list[str]:
-    return [c for c in METRIC_COLUMNS if c in frame.columns]
+    return {k: metrics[k] for k in METRICS if k in metrics}
