@@ -145,7 +145,8 @@ def test_ctrl_c_requeues_the_trial_like_kill_9(tmp_path, glyph_root):
             trials = load(out).get_trials()
         except Exception:  # not created yet
             continue
-        if trials and 1 <= len(trials[0].user_attrs.get("fold_results", {})) < 4:
+        # Early in the trial (1-2 of 4 folds done): a late signal could miss the only trial.
+        if trials and 1 <= len(trials[0].user_attrs.get("fold_results", {})) <= 2:
             finished = dict(trials[0].user_attrs["fold_results"])
             os.kill(proc.pid, signal.SIGINT)
             break
