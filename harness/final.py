@@ -234,7 +234,6 @@ def _test_fold(cfg, data, fold, device, rep, source, seed, trial_dir, fold_dir, 
     if checkpoint is None:
         result = train_fold(cfg, data, fold, device, seed=seed, run_dir=fold_dir,
                             desc=f"rep {rep} fold {fold.index}")
-        write_json_atomic(fold_dir / "history.json", result.history)
         if not result.checkpoint:
             raise HarnessError(
                 f"reproduction {rep} fold {fold.index} produced no checkpoint (stop reason: "

@@ -28,7 +28,6 @@ only when COMPLETE or PRUNED, so nothing is counted twice.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import socket
@@ -310,7 +309,6 @@ def make_objective(cfg: StudyConfig, data: PreparedData, output: Path, device, s
     per_fold = fold_steps(cfg)
     n_folds = len(data.split.folds[: cfg.search.folds])
     last_step = n_folds * per_fold
-    val_every, _ = dataset_defaults(cfg, data.spec)
     within = prune_within_folds(cfg)
 
     def objective(trial: optuna.Trial) -> float:
@@ -345,32 +343,24 @@ def make_objective(cfg: StudyConfig, data: PreparedData, output: Path, device, s
             if key not in done:
                 fold_best = {"value": -math.inf}
 
-                def report(index: int, value: float, k=k, fold_best=fold_best) -> None:
-                    # index = validation number in this fold; its epoch follows the schedule.
-                    epoch = min((index + 1) * val_every, cfg.train.max_epochs)
-                    spent["iterations"] = spent["before"] + epoch * cfg.train.iters_per_epoch
+                def report(iteration: int, value: float, k=k, fold_best=fold_best) -> None:
+                    spent["iterations"] = spent["before"] + iteration
                     fold_best["value"] = max(fold_best["value"], value)
                     if within:
-                        report_and_prune(k * per_fold + epoch * cfg.train.iters_per_epoch,
+                        report_and_prune(k * per_fold + iteration,
                                          (sum(fold_values) + fold_best["value"]) / (k + 1))
 
                 spent["before"] = spent["iterations"]
                 fold_dir = run_dir / f"fold_{fold.index}"
                 seed = fold_seed(cfg, seed_number, fold.index)
                 claim_fold_dir(fold_dir, fingerprint(trial_cfg, seed), cfg.name)
-                try:
-                    result = train_fold(trial_cfg, data, fold, device, seed=seed,
-                                        run_dir=fold_dir, report=report,
-                                        desc=f"trial {trial.number} fold {fold.index}")
-                except optuna.TrialPruned:
-                    (fold_dir / "last.pt").unlink(missing_ok=True)  # never resumed
-                    raise
+                result = train_fold(trial_cfg, data, fold, device, seed=seed, run_dir=fold_dir,
+                                    report=report, desc=f"trial {trial.number} fold {fold.index}")
                 spent["iterations"] = spent["before"] + \
                     result.epochs_trained * cfg.train.iters_per_epoch
                 done[key] = {"map_at_r": result.best_map_at_r, "best_epoch": result.best_epoch,
                              "epochs": result.epochs_trained, "stop": result.stop_reason,
                              "metrics": result.best_metrics}
-                (fold_dir / "history.json").write_text(json.dumps(result.history, indent=1))
                 trial.set_user_attr("fold_results", done)
                 trial.set_user_attr("train_iterations", spent["iterations"])
             if done[key]["stop"] == "diverged":

@@ -15,6 +15,7 @@ One readable loop (nanoGPT-style). Per fold:
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import dataclasses
@@ -35,8 +36,9 @@ from harness.progress import bar
 from harness.splits import Fold
 from losses.registry import build_loss, get_loss_spec
 
-# A callback the search gives to train_fold: (validation number, MAP@R) -> None. It may raise
-# (optuna.TrialPruned) to stop the fold early.
+# A callback the search gives to train_fold, called after every validation with (training
+# iterations so far in this fold, validation MAP@R). It may raise (optuna.TrialPruned) to stop
+# the fold: the fold is then never resumed.
 ReportFn = Callable[[int, float], None]
 
 
@@ -267,11 +269,17 @@ def train_fold(cfg: StudyConfig, data: PreparedData, fold: Fold, device: torch.d
                 "state": state}
         _atomic_save(ckpt, last_path)
         if report is not None:
-            report(len(state["history"]) - 1, metrics["map_at_r"])
+            try:
+                report(epoch * t.iters_per_epoch, metrics["map_at_r"])
+            except Exception:
+                _write_history(run_dir, state["history"])
+                last_path.unlink(missing_ok=True)  # a fold stopped by its caller never resumes
+                raise
         if epoch - state["best_epoch"] > patience:
             stop_reason = "patience"
             break
     epochs.close()
+    _write_history(run_dir, state["history"])
     last_path.unlink(missing_ok=True)  # the fold is finished: only best.pt is worth keeping
     best = state["best_map"]
     return FoldResult(fold=fold.index, best_map_at_r=best if best >= 0 else 0.0,
@@ -279,6 +287,13 @@ def train_fold(cfg: StudyConfig, data: PreparedData, fold: Fold, device: torch.d
                       epochs_trained=state["epoch"], history=state["history"],
                       stop_reason=stop_reason,
                       checkpoint=str(best_path) if best_path.exists() else "")
+
+
+def _write_history(run_dir: Path, history: list[dict]) -> None:
+    """history.json: one row per validation (the fold's validation curve), written atomically."""
+    tmp = run_dir / f".history.{os.getpid()}.json"
+    tmp.write_text(json.dumps(history, indent=1))
+    os.replace(tmp, run_dir / "history.json")
 
 
 def load_best_model(cfg: StudyConfig, checkpoint: Path, device: torch.device):

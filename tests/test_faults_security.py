@@ -111,7 +111,7 @@ def test_interrupted_fold_resumes_from_a_weights_only_checkpoint(tmp_path, tiny,
     cfg, data = tiny
     fold = data.split.folds[0]
 
-    class Stop(Exception):
+    class Stop(BaseException):  # an interrupt (not a pruning stop, which discards last.pt)
         pass
 
     def stop_after_first_validation(step, value):

@@ -361,3 +361,27 @@ def test_nan_embeddings_at_validation_are_a_diverged_fold(tmp_path, glyph_root, 
     result = train_mod.train_fold(cfg, data, data.split.folds[0], __import__("torch").device(
         "cpu"), seed=1, run_dir=tmp_path / "fold")
     assert result.stop_reason == "diverged" and result.checkpoint == ""
+
+
+def test_a_fold_stopped_by_its_caller_is_never_resumed(tmp_path, glyph_root):
+    """A pruned fold (the callback raises) keeps its history but leaves no last.pt; the callback
+    sees training iterations, the unit of the pruner's steps."""
+    import torch
+
+    from harness.data import prepare_data
+    from harness.train import train_fold
+
+    cfg = load_study(str(write_study(tmp_path, glyph_root)))
+    data = prepare_data(cfg)
+    seen = []
+
+    def prune_at_first_validation(iteration, value):
+        seen.append(iteration)
+        raise optuna.TrialPruned()
+
+    with pytest.raises(optuna.TrialPruned):
+        train_fold(cfg, data, data.split.folds[0], torch.device("cpu"), seed=1,
+                   run_dir=tmp_path / "fold", report=prune_at_first_validation)
+    assert seen == [cfg.train.iters_per_epoch]  # validation every epoch in the tiny study
+    assert not (tmp_path / "fold" / "last.pt").exists()
+    assert len(json.loads((tmp_path / "fold" / "history.json").read_text())) == 1
