@@ -59,10 +59,11 @@ def test_the_matrix_has_every_loss_on_every_dataset():
     assert len(names) == len(CELLS), "two cells share a name"
 
 
-def test_every_registry_entry_has_one_alias_row():
-    assert set(benchmark.LOSS_ROWS) == set(LOSSES)
+def test_alias_rows_name_registered_losses_and_are_unique():
+    # A new loss needs no row: one registry entry makes its cells (its name is its alias).
+    assert set(benchmark.LOSS_ROWS) <= set(LOSSES)
     assert set(benchmark.DATASET_ROWS) == set(DATASETS)
-    aliases = [r.alias for r in benchmark.LOSS_ROWS.values()]
+    aliases = [benchmark.loss_row(name).alias for name in LOSSES]
     assert len(set(aliases)) == len(aliases)
 
 
