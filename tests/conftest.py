@@ -10,7 +10,11 @@ Helpers are imported as `from conftest import ...` (pytest puts tests/ on sys.pa
 from __future__ import annotations
 
 import math
+import os
+import signal
+import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import optuna
@@ -83,6 +87,29 @@ def load(output: Path, name: str = "tiny") -> optuna.Study:
 # Image files
 # -------------------------------------------------------------------------------------------
 SHAPES = [(375, 500), (500, 375), (300, 300), (120, 457), (641, 97)]
+
+
+def kill_worker_mid_trial(load_study: Callable[[], optuna.Study], killed: dict,
+                          deadline_s: float, poll_s: float = 0.5,
+                          ready: Callable[[], bool] = lambda: True) -> None:
+    """kill -9 the worker of the first RUNNING trial that has 1 to 3 of its 4 folds done, and
+    record in `killed` its number, pid, finished folds and params (nothing if none is caught)."""
+    deadline = time.time() + deadline_s
+    while time.time() < deadline and not killed:
+        time.sleep(poll_s)
+        if not ready():
+            continue
+        try:
+            trials = load_study().get_trials()
+        except Exception:  # noqa: BLE001 (the study may not exist yet)
+            continue
+        for t in trials:
+            done = t.user_attrs.get("fold_results", {})
+            if t.state == optuna.trial.TrialState.RUNNING and 1 <= len(done) < 4:
+                os.kill(t.user_attrs["pid"], signal.SIGKILL)
+                killed.update(number=t.number, pid=t.user_attrs["pid"], done=dict(done),
+                              params=t.params)
+                return
 
 
 def write_jpegs(folder: Path, shapes=SHAPES, seed=0) -> Records:

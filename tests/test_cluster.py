@@ -6,13 +6,11 @@ import argparse
 import json
 import os
 import pickle
-import signal
 import socket
 import stat
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import optuna
@@ -26,7 +24,7 @@ from harness.search import open_study
 from harness.storage import (HEARTBEAT_ATTR, HeartbeatJournalStorage, fail_dead_local_trials,
                              journal_path, open_storage, redact_url)
 from harness.workers import main as workers_main
-from conftest import write_study
+from conftest import kill_worker_mid_trial, write_study
 
 SECRET = "s3cr3t-pw"
 PG_URL = f"postgresql+psycopg://harness:{SECRET}@dbhost:5432/harness"
@@ -280,20 +278,7 @@ def test_slurm_submits_an_array_then_a_dependent_final_job(tmp_path, glyph_root,
 # --------------------------------------------------------------------------------------------
 def kill_one_worker_mid_trial(journal: Path, killed: dict, deadline_s: float = 240) -> None:
     """kill -9 the worker of the first RUNNING trial that has 1 to 3 folds done."""
-    deadline = time.time() + deadline_s
-    while time.time() < deadline and not killed:
-        time.sleep(0.5)
-        try:
-            trials = load_journal(journal).get_trials()
-        except Exception:  # noqa: BLE001 (the study may not exist yet)
-            continue
-        for t in trials:
-            done = t.user_attrs.get("fold_results", {})
-            if t.state == TrialState.RUNNING and 1 <= len(done) < 4:
-                os.kill(t.user_attrs["pid"], signal.SIGKILL)
-                killed.update(number=t.number, pid=t.user_attrs["pid"], done=dict(done),
-                              params=t.params)
-                return
+    kill_worker_mid_trial(lambda: load_journal(journal), killed, deadline_s)
 
 
 @pytest.mark.slow

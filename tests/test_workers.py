@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import optuna
@@ -22,7 +20,7 @@ from harness.data import prepare_data
 from harness.search import fold_steps, make_pruner, open_study, prune_within_folds
 from harness.storage import COUNTED, sqlite_path
 from harness.workers import main as workers_main
-from conftest import REPO, load, write_study
+from conftest import REPO, kill_worker_mid_trial, load, write_study
 
 # Workers inherit these: quiet logs and a fast heartbeat so that a dead worker's trial is
 # declared stale within seconds (defaults: 30 s heartbeat, 120 s grace).
@@ -126,22 +124,8 @@ def test_kill_minus_9_of_one_worker(tmp_path, glyph_root, fast_env, capsys):
     killed: dict = {}
 
     def killer():  # kill -9 the worker of the first trial that has 1 to 3 folds done
-        deadline = time.time() + 120
-        while time.time() < deadline and not killed:
-            time.sleep(0.1)
-            if not (out / "workers").exists():  # the launcher has not created the study yet
-                continue
-            try:
-                trials = load(out).get_trials()
-            except Exception:  # noqa: BLE001 (the study may not exist yet)
-                continue
-            for t in trials:
-                done = t.user_attrs.get("fold_results", {})
-                if t.state == TrialState.RUNNING and 1 <= len(done) < 4:
-                    os.kill(t.user_attrs["pid"], signal.SIGKILL)
-                    killed.update(number=t.number, pid=t.user_attrs["pid"], done=dict(done),
-                                  params=t.params)
-                    return
+        kill_worker_mid_trial(lambda: load(out), killed, deadline_s=120, poll_s=0.1,
+                              ready=(out / "workers").exists)  # the launcher made the study
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
