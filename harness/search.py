@@ -46,10 +46,9 @@ from harness.errors import ConfigError
 from harness.progress import bar
 from harness.seeds import SEARCH_STAGE, hash_seed, trial_fold_seed
 from harness.run_folder import claim_fold_dir, fingerprint, write_json_atomic
-from harness.storage import (COUNTED, MAX_RETRIES, RetryStaleTrial, open_storage_unlocked,
-                             retrying, counted_trials,
-                             creation_lock, fail_dead_local_trials,
-                             heartbeat_seconds)
+from harness.storage import (COUNTED, RetryStaleTrial, counted_trials, creation_lock,
+                             fail_dead_local_trials, heartbeat_seconds, open_storage_unlocked,
+                             retry_callback, retrying)
 from harness.train import train_fold
 from losses.registry import SearchParam, get_loss_spec
 
@@ -458,8 +457,7 @@ def requeue_interrupted(study: optuna.Study, trial_ids: list[int]) -> None:
     for trial_id in trial_ids:
         frozen = study._storage.get_trial(trial_id)
         if frozen.state == TrialState.FAIL and not frozen.user_attrs.get("surplus"):
-            RetryStaleTrial(max_retry=MAX_RETRIES, inherit_intermediate_values=True)(
-                study, frozen)
+            retry_callback()(study, frozen)
 
 
 def _get(cfg: StudyConfig, key: str):

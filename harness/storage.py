@@ -173,8 +173,7 @@ def open_storage_unlocked(url: str) -> BaseStorage:
     def make() -> RDBStorage:
         return RDBStorage(url, heartbeat_interval=heartbeat_seconds(),
                           grace_period=grace_seconds(),
-                          heartbeat_stale_trial_callback=RetryStaleTrial(
-                              max_retry=MAX_RETRIES, inherit_intermediate_values=True),
+                          heartbeat_stale_trial_callback=retry_callback(),
                           engine_kwargs=_engine_kwargs(url))
 
     return retrying(make, url)
@@ -237,6 +236,13 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
         return self._stale_trial_callback
 
 
+def retry_callback() -> RetryStaleTrial:
+    """What happens to a dead worker's trial, whoever finds it (heartbeat, this host, Ctrl-C):
+    it is queued again with the same parameters and its intermediate values, at most
+    MAX_RETRIES times."""
+    return RetryStaleTrial(max_retry=MAX_RETRIES, inherit_intermediate_values=True)
+
+
 def open_journal(path: Path) -> HeartbeatJournalStorage:
     """A journal file on a (shared) file system. Its default lock (a symlink beside the file)
     works on NFS, where SQLite's fcntl locks do not."""
@@ -248,8 +254,7 @@ def open_journal(path: Path) -> HeartbeatJournalStorage:
     except OSError as e:
         raise ConfigError(f"--storage {path}: cannot open the journal file: {e}") from None
     return HeartbeatJournalStorage(backend, heartbeat_seconds(), grace_seconds(),
-                                   RetryStaleTrial(max_retry=MAX_RETRIES,
-                                                   inherit_intermediate_values=True))
+                                   retry_callback())
 
 
 
@@ -270,8 +275,7 @@ def fail_dead_local_trials(study: optuna.Study) -> list[int]:
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
-        RetryStaleTrial(max_retry=MAX_RETRIES, inherit_intermediate_values=True)(
-            study, study._storage.get_trial(t._trial_id))
+        retry_callback()(study, study._storage.get_trial(t._trial_id))
         failed.append(t.number)
     return failed
 
