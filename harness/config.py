@@ -532,7 +532,15 @@ RANGES: dict[str, Bound] = {
 }
 
 
-def _get(cfg: StudyConfig, key: str) -> Any:
+def get_value(cfg: StudyConfig, key: str) -> Any:
+    """The value of dotted `key` (the reverse of set_value): `loss.<param>` is the study's value
+    or the registry's default for its data set."""
+    section, _, rest = key.partition(".")
+    if section == "loss" and rest not in ("name", "params"):
+        from losses.registry import get_loss_spec
+
+        defaults = get_loss_spec(cfg.loss.name).defaults_for(cfg.data.dataset)
+        return cfg.loss.params.get(rest, defaults.get(rest))
     obj = cfg
     for part in key.split("."):
         obj = getattr(obj, part)
@@ -543,7 +551,7 @@ def check_ranges(cfg: StudyConfig) -> None:
     """ConfigError naming the key, the value and the allowed range of the first value out of
     range (NaN and infinity are never allowed)."""
     for key, bound in RANGES.items():
-        value = _get(cfg, key)
+        value = get_value(cfg, key)
         if not math.isfinite(value) or not bound.holds(value):
             note = f" ({bound.note})" if bound.note else ""
             raise ConfigError(f"{key}={value!r}: must be {bound.text()}{note}")

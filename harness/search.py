@@ -40,7 +40,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from harness.config import StudyConfig, set_value
+from harness.config import StudyConfig, get_value, set_value
 from harness.data import PreparedData, dataset_defaults
 from harness.errors import ConfigError
 from harness.progress import bar
@@ -411,7 +411,7 @@ def run_search(cfg: StudyConfig, data: PreparedData, output: Path, storage_url: 
     space = search_space(cfg)
     if cfg.search.fixed:
         print(f"[{cfg.name}] not searched (given a value): " + ", ".join(
-            f"{k}={_get(cfg, k)!r}" for k in cfg.search.fixed), flush=True)
+            f"{k}={get_value(cfg, k)!r}" for k in cfg.search.fixed), flush=True)
     study = open_study(cfg, storage_url, dataset_defaults(cfg, data.spec)[0])
     objective = make_objective(cfg, data, output, device, space)
     mine: list[int] = []  # trial ids this process started (to requeue on Ctrl-C)
@@ -458,15 +458,6 @@ def requeue_interrupted(study: optuna.Study, trial_ids: list[int]) -> None:
         frozen = study._storage.get_trial(trial_id)
         if frozen.state == TrialState.FAIL and not frozen.user_attrs.get("surplus"):
             retry_callback()(study, frozen)
-
-
-def _get(cfg: StudyConfig, key: str):
-    section, _, rest = key.partition(".")
-    if section == "loss":
-        from losses.registry import get_loss_spec as spec
-
-        return cfg.loss.params.get(rest, spec(cfg.loss.name).defaults.get(rest))
-    return getattr(getattr(cfg, section), rest)
 
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:

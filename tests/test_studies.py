@@ -183,6 +183,7 @@ def _only_trial_diverged(out) -> bool:
 
 
 def _defaults_of_searched_keys(name: str) -> list[str]:
-    from harness.search import _get, search_space
+    from harness.config import get_value
+    from harness.search import search_space
     cfg = load_study(name, profile="embedded")
-    return [x for key in search_space(cfg) for x in ("--set", f"{key}={_get(cfg, key)!r}")]
+    return [x for key in search_space(cfg) for x in ("--set", f"{key}={get_value(cfg, key)!r}")]
