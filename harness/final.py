@@ -40,7 +40,6 @@ from harness.config import StudyConfig
 from harness.data import PreparedData, batch_transform, eval_loader, query_gallery_indices
 from harness.metrics import compute_embeddings, retrieval_metrics
 from harness.progress import bar
-from harness.provenance import write_json
 from harness.errors import ConfigError, HarnessError
 from harness.run_folder import (claim_fold_dir, fingerprint, fold_dir_owned_by, move_aside,
                                 read_json, write_json_atomic)
@@ -84,7 +83,7 @@ def untrained_baseline(cfg: StudyConfig, data: PreparedData, output: Path, devic
     seed_everything(hash_seed(cfg.seed, UNTRAINED_STAGE))
     model = build_model(cfg.model).to(device)
     metrics = test_metrics(embed_test_set(cfg, model, data, device), device)
-    write_json(path, metrics)
+    write_json_atomic(path, metrics)
     return metrics
 
 

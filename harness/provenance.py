@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import platform
 import subprocess
@@ -91,10 +90,3 @@ def provenance(device: torch.device | None = None, **extra) -> dict:
     return {"time_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "command": command, "git": git_commit(), "versions": library_versions(),
             "hardware": hardware(device), **redact(extra)}
-
-
-def write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)

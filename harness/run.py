@@ -25,8 +25,8 @@ import torch
 from harness import config as config_mod
 from harness.config import StudyConfig, load_study
 from harness.errors import ConfigError, HarnessError
-from harness.provenance import provenance, write_json
-from harness.run_folder import (RESUMABLE_KEYS, check_output_dir,  # noqa: F401 (re-exported)
+from harness.provenance import provenance
+from harness.run_folder import (RESUMABLE_KEYS, check_output_dir, write_json_atomic,  # noqa: F401 (re-exported)
                                 check_same_study, check_study_database)
 
 RESULTS_DIR = config_mod.STUDIES_DIR.parent / "results"
@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     storage = args.storage or default_storage(output)
     check_study_database(sqlite_path(storage), output)
     with output_lock(output):  # several workers may share one output folder
-        write_json(output / "config.json", cfg.to_dict())
+        write_json_atomic(output / "config.json", cfg.to_dict())
         _log_invocation(output, device, storage)
 
     started = time.time()
@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
     untrained = untrained_baseline(best_cfg, data, output, device)
     table = summarize(frame)
     table.to_csv(output / "final" / "summary.csv", index=False)
-    write_json(output / "final" / "summary.json", {
+    write_json_atomic(output / "final" / "summary.json", {
         "study": cfg.name, "dataset": cfg.data.dataset, "best_trial": summary["best_trial"],
         "best_val_map_at_r": summary["best_value"], "best_params": summary["best_params"],
         "runs": sorted(int(r) for r in frame["reproduction"].unique()),
@@ -228,7 +228,7 @@ def _log_invocation(output: Path, device, storage: str) -> None:
     path = output / "provenance.json"
     runs = json.loads(path.read_text()) if path.exists() else []
     runs.append(provenance(device, storage=storage))
-    write_json(path, runs)
+    write_json_atomic(path, runs)
 
 
 def _print_summary(cfg: StudyConfig, table, untrained: dict) -> None:

@@ -15,7 +15,6 @@ One readable loop (nanoGPT-style). Per fold:
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import dataclasses
@@ -30,6 +29,7 @@ from harness.config import StudyConfig
 from harness.data import (PreparedData, batch_transform, dataset_defaults, eval_loader,
                           fold_indices, train_loader)
 from harness.errors import HarnessError
+from harness.run_folder import write_json_atomic
 from harness.metrics import NonFiniteEmbeddings, compute_embeddings, retrieval_metrics
 from harness.models import build_model
 from harness.progress import bar
@@ -272,14 +272,14 @@ def train_fold(cfg: StudyConfig, data: PreparedData, fold: Fold, device: torch.d
             try:
                 report(epoch * t.iters_per_epoch, metrics["map_at_r"])
             except Exception:
-                _write_history(run_dir, state["history"])
+                write_json_atomic(run_dir / "history.json", state["history"])
                 last_path.unlink(missing_ok=True)  # a fold stopped by its caller never resumes
                 raise
         if epoch - state["best_epoch"] > patience:
             stop_reason = "patience"
             break
     epochs.close()
-    _write_history(run_dir, state["history"])
+    write_json_atomic(run_dir / "history.json", state["history"])
     last_path.unlink(missing_ok=True)  # the fold is finished: only best.pt is worth keeping
     best = state["best_map"]
     return FoldResult(fold=fold.index, best_map_at_r=best if best >= 0 else 0.0,
@@ -287,13 +287,6 @@ def train_fold(cfg: StudyConfig, data: PreparedData, fold: Fold, device: torch.d
                       epochs_trained=state["epoch"], history=state["history"],
                       stop_reason=stop_reason,
                       checkpoint=str(best_path) if best_path.exists() else "")
-
-
-def _write_history(run_dir: Path, history: list[dict]) -> None:
-    """history.json: one row per validation (the fold's validation curve), written atomically."""
-    tmp = run_dir / f".history.{os.getpid()}.json"
-    tmp.write_text(json.dumps(history, indent=1))
-    os.replace(tmp, run_dir / "history.json")
 
 
 def load_best_model(cfg: StudyConfig, checkpoint: Path, device: torch.device):

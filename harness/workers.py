@@ -183,10 +183,10 @@ def prepare(rest: list[str]) -> tuple[Path, str]:
     storage = normalize_storage(run_args.storage or os.environ.get(STORAGE_ENV) or
                                 default_storage(output))
     from harness.data import dataset_defaults, prepare_data
-    from harness.provenance import write_json
+    from harness.run_folder import write_json_atomic
 
     with run.output_lock(output):
-        write_json(output / "config.json", cfg.to_dict())
+        write_json_atomic(output / "config.json", cfg.to_dict())
     data = prepare_data(cfg)  # renders / caches images once, before N workers read them
     open_study(cfg, storage, dataset_defaults(cfg, data.spec)[0])
     return output, storage
