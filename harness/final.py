@@ -25,7 +25,6 @@ of a folder (a lock; a second one is refused with a clear message).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import math
 import os
@@ -43,6 +42,7 @@ from harness.progress import bar
 from harness.errors import ConfigError, HarnessError
 from harness.run_folder import (claim_fold_dir, fingerprint, fold_dir_owned_by, move_aside,
                                 read_json, write_json_atomic)
+from harness.storage import file_lock
 from harness.seeds import reproduction_fold_seed, trial_fold_seed
 from harness.train import load_best_model, train_fold
 
@@ -161,17 +161,14 @@ def final_stage_lock(output: Path):
     """One process at a time runs the final stage of a run folder. Two would train the same
     folds twice and write two results for one fold; the second is refused, not queued."""
     path = output / ".final.lock"
-    with open(path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with contextlib.ExitStack() as stack:
+        try:  # only the lock's own refusal is reported as another process
+            stack.enter_context(file_lock(path, wait=False))
         except BlockingIOError:
             raise ConfigError(f"another process is running the final stage of {output} "
                               f"(lock {path.name}); wait for it to finish, then re-run to "
                               f"resume") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        yield
 
 
 def _supersede_other_trial(final_dir: Path, output: Path, best: dict) -> None:

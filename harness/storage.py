@@ -83,13 +83,14 @@ def sqlite_path(url: str) -> Path | None:
 
 
 @contextlib.contextmanager
-def file_lock(path: Path):
+def file_lock(path: Path, wait: bool = True):
     """Hold an exclusive flock on `path` (created if missing). Used beside a SQLite database and
-    on a run folder's `.lock`: one machine, one lock file. flock is per open file: never nest
-    two holds of the same path in one process."""
+    on a run folder's `.lock` and `.final.lock`: one machine, one lock file. flock is per open
+    file: never nest two holds of the same path in one process. With wait=False a lock held
+    elsewhere raises BlockingIOError at once."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         try:
             yield
         finally:
