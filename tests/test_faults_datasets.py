@@ -44,12 +44,16 @@ def test_unreadable_image(tmp_path, monkeypatch):
     assert_permission_message(e, records.paths[1])
 
 
-def test_unreadable_listing_file(tmp_path, monkeypatch):
-    root = make_fake_cub(tmp_path / "cub")
-    deny(monkeypatch, root / "images.txt")
+@pytest.mark.parametrize("dataset, make, listing", [
+    ("cub200", make_fake_cub, "images.txt"),  # a .txt listing
+    ("cars196", make_fake_cars, "cars_annos.mat"),  # a .mat annotation file
+])
+def test_unreadable_listing_file(tmp_path, monkeypatch, dataset, make, listing):
+    root = make(tmp_path / dataset)
+    deny(monkeypatch, root / listing)
     with pytest.raises(DatasetError) as e:
-        load_records("cub200", root, check_counts=False)
-    assert_permission_message(e, root / "images.txt")
+        load_records(dataset, root, check_counts=False)
+    assert_permission_message(e, root / listing)
 
 
 def test_unlistable_image_folder_is_not_reported_missing(tmp_path, monkeypatch):
@@ -66,11 +70,3 @@ def test_unlistable_image_folder_is_not_reported_missing(tmp_path, monkeypatch):
     with pytest.raises(DatasetError) as e:
         load_records("cub200", root, check_counts=False)
     assert_permission_message(e, folder)
-
-
-def test_unreadable_cars_annotations(tmp_path, monkeypatch):
-    root = make_fake_cars(tmp_path / "cars")
-    deny(monkeypatch, root / "cars_annos.mat")
-    with pytest.raises(DatasetError) as e:
-        load_records("cars196", root, check_counts=False)
-    assert_permission_message(e, root / "cars_annos.mat")
