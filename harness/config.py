@@ -43,6 +43,9 @@ class DataConfig:
     resize: int = 256  # MLRC: Resize 256 ...
     crop: int = 227  # ... then (Random|Center)Crop 227
     scale_min: float = 0.16  # RandomResizedCrop scale (0.16, 1)
+    # MLRC: RandomResizedCrop for training. False: training images get the evaluation's
+    # CenterCrop (the embedded glyphs, already augmented when rendered, with resize = crop).
+    random_crop: bool = True
     num_workers: int = -1  # loader worker processes; -1 = CPU cores - 1 (max 8); 0 = none
     cache: bool = True  # decode + Resize(resize) every image once into a uint8 memmap cache
     cache_dir: str = ""  # "" = $HARNESS_CACHE/images or ~/.cache/harness/images

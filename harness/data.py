@@ -114,7 +114,8 @@ def _loader_kwargs(cfg: StudyConfig, device: torch.device) -> dict:
 
 def _dataset(cfg: StudyConfig, data: PreparedData, indices: np.ndarray,
              train: bool) -> UInt8Images:
-    crop = UInt8Crop(cfg.data.crop, train=train, scale=(cfg.data.scale_min, 1.0))
+    crop = UInt8Crop(cfg.data.crop, train=train and cfg.data.random_crop,
+                     scale=(cfg.data.scale_min, 1.0))
     return UInt8Images(data.records, indices, crop, data.resized, cfg.data.resize)
 
 

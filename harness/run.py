@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     check_study_database(sqlite_path(storage), output)
     with output_lock(output):  # several workers may share one output folder
         write_json_atomic(output / "config.json", cfg.to_dict())
-        _log_invocation(output, device, storage)
+        _log_invocation(output, device, storage, cfg)
 
     started = time.time()
     data = prepare_data(cfg)
@@ -224,11 +224,29 @@ def output_lock(output: Path):
     return file_lock(output / ".lock")
 
 
-def _log_invocation(output: Path, device, storage: str) -> None:
+def _log_invocation(output: Path, device, storage: str, cfg: StudyConfig) -> None:
     path = output / "provenance.json"
     runs = json.loads(path.read_text()) if path.exists() else []
-    runs.append(provenance(device, storage=storage))
+    runs.append(provenance(device, storage=storage, trunk_weights=_trunk_weights(cfg)))
     write_json_atomic(path, runs)
+
+
+def _trunk_weights(cfg: StudyConfig) -> dict | None:
+    """Which pretrained weight file the run starts from, and its hash (None: random init, or
+    no file yet: preflight then says what is missing). The glyph trunk is built here on first
+    use."""
+    import hashlib
+
+    from harness.models import find_weights_file
+
+    if not cfg.model.pretrained:
+        return None
+    try:
+        weights = find_weights_file(cfg.model.trunk, cfg.model.weights)
+        return {"file": str(weights),
+                "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    except (HarnessError, OSError):
+        return None
 
 
 def _print_summary(cfg: StudyConfig, table, untrained: dict) -> None:

@@ -1,13 +1,14 @@
 """Image transforms of the MLRC protocol, with each trunk's input normalisation (held by the
 trunk registry, harness.models TRUNKS).
 
-Train: Resize(resize) -> RandomResizedCrop(crop, scale, ratio) -> RandomHorizontalFlip.
+Train: Resize(resize) -> RandomResizedCrop(crop, scale, ratio) -> RandomHorizontalFlip
+       (data.random_crop=false: the eval crop instead of RandomResizedCrop).
 Eval:  Resize(resize) -> CenterCrop(crop).
 Then ToTensor and the trunk's normalisation:
   * bninception: BGR channel order, range 0-255, minus [104, 117, 128] (B, G, R), std 1 (the
     Caffe convention of the ported weights);
   * resnet18 / resnet50: RGB 0-1, ImageNet mean / std;
-  * small_cnn: RGB 0-1, mean 0.5, std 0.5 (random init, so just centred).
+  * small_cnn: RGB 0-1, mean 0.5, std 0.5 (as its glyph pretraining, harness/glyph_trunk.py).
 Horizontal flip is on by default except for small_cnn, whose glyph data are characters: a
 mirrored character is another character (or none), so flipping would corrupt the labels.
 

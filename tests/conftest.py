@@ -27,6 +27,29 @@ from harness.datasets.base import Records
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True, scope="session")
+def tiny_glyph_trunk(tmp_path_factory):
+    """In-process tests that use the pretrained glyph trunk (the embedded profile) get a tiny
+    one, built once per session in a temporary folder, never the user's cached 512-class one."""
+    from harness import glyph_trunk
+
+    root = tmp_path_factory.mktemp("glyph_trunk")
+    saved = glyph_trunk.DEFAULT_PARAMS, glyph_trunk.default_trunk_root
+    glyph_trunk.DEFAULT_PARAMS = TINY_TRUNK
+    glyph_trunk.default_trunk_root = lambda: root
+    yield root
+    glyph_trunk.DEFAULT_PARAMS, glyph_trunk.default_trunk_root = saved
+
+
+def _tiny_trunk_params():
+    from harness.glyph_trunk import PretrainParams
+
+    return PretrainParams(num_classes=12, per_class=6, epochs=1, batch_size=16)
+
+
+TINY_TRUNK = _tiny_trunk_params()
+
+
 # -------------------------------------------------------------------------------------------
 # The tiny end-to-end study (harness.run on the glyphs)
 # -------------------------------------------------------------------------------------------

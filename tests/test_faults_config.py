@@ -51,7 +51,7 @@ def test_message_names_key_value_and_range():
         config.load_study("quickstart", overrides=["train.momentum=1"])
     with pytest.raises(ConfigError, match=r"data\.scale_min=1\.5: must be in \(0, 1\]"):
         config.load_study("quickstart", overrides=["data.scale_min=1.5"])
-    with pytest.raises(ConfigError, match=r"data\.crop=64 is larger than data\.resize=36"):
+    with pytest.raises(ConfigError, match=r"data\.crop=64 is larger than data\.resize=32"):
         config.load_study("quickstart", overrides=["data.crop=64"])
 
 

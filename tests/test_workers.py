@@ -78,7 +78,7 @@ def test_concurrent_creation_on_a_fresh_sqlite_file(tmp_path):
 
 
 def test_pruner_steps_are_training_iterations():
-    cfg = load_study("quickstart")  # 12 epochs x 40 iterations per fold, 4 folds
+    cfg = load_study("quickstart", overrides=["train.max_epochs=12", "train.iters_per_epoch=40"])
     assert fold_steps(cfg) == 480 and not prune_within_folds(cfg)  # MLRC: no pruning
     cfg.search.pruner = "median"  # the opt-in
     median = make_pruner(cfg)

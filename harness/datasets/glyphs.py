@@ -252,27 +252,60 @@ def render_class(char: str, font_choices: list[Path], params: GlyphParams) -> tu
     return colourise(masks, rng), picks
 
 
-def generate(params: GlyphParams) -> dict[str, np.ndarray]:
-    """Render the whole dataset; returns the arrays stored in the cache file."""
+def _render_class_job(job: tuple[str, list[str], GlyphParams]) -> tuple[np.ndarray, np.ndarray]:
+    char, font_paths, params = job
+    return render_class(char, [Path(p) for p in font_paths], params)
+
+
+def render_workers() -> int:
+    """Processes that render classes side by side: the usable cores, at most 8."""
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                      else (os.cpu_count() or 1)))
+
+
+def render_classes(characters: list[str], support: list[list[int]], fonts: list[Path],
+                   params: GlyphParams, desc: str = "rendering glyph classes"
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(images, labels, font index per image) of `characters`, label = position in the list.
+
+    Classes render in parallel processes (one random stream per character, so the bytes do not
+    depend on how many processes drew them)."""
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
+
     from tqdm import tqdm
 
+    jobs = [(char, [str(fonts[i]) for i in font_ids], params)
+            for char, font_ids in zip(characters, support)]
+    workers = min(render_workers(), len(jobs))
+    if workers > 1:
+        # fork, not spawn: spawn re-runs the caller's __main__ (a user's script without a
+        # __main__ guard would recurse). The children only run Pillow and numpy.
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            rendered = list(tqdm(pool.map(_render_class_job, jobs, chunksize=8), total=len(jobs),
+                                 desc=desc, unit="class", disable=None, leave=False))
+    else:
+        rendered = [_render_class_job(job) for job in tqdm(jobs, desc=desc, unit="class",
+                                                            disable=None, leave=False)]
+    images = np.concatenate([class_images for class_images, _ in rendered])
+    labels = np.repeat(np.arange(len(jobs), dtype=np.int64), params.per_class)
+    font_index = np.concatenate([np.asarray(font_ids, dtype=np.int16)[picks]
+                                 for (_, picks), font_ids in zip(rendered, support)])
+    return images, labels, font_index
+
+
+def generate(params: GlyphParams) -> dict[str, np.ndarray]:
+    """Render the whole dataset; returns the arrays stored in the cache file."""
     characters = glyph_characters(params.num_classes)
     fonts = available_fonts()
     support = fonts_per_character(characters, fonts)
-    images, labels, font_index = [], [], []
-    for label, (char, font_ids) in enumerate(tqdm(list(zip(characters, support)),
-                                                  desc="rendering glyph classes", unit="class",
-                                                  disable=None, leave=False)):
-        class_images, picks = render_class(char, [fonts[i] for i in font_ids], params)
-        images.append(class_images)
-        labels.append(np.full(params.per_class, label, dtype=np.int64))
-        font_index.append(np.asarray(font_ids, dtype=np.int16)[picks])
+    images, labels, font_index = render_classes(characters, support, fonts, params)
     return {
-        "images": np.concatenate(images),
-        "labels": np.concatenate(labels),
+        "images": images,
+        "labels": labels,
         "characters": np.array(characters, dtype="<U1"),
         "font_names": np.array([p.stem for p in fonts]),
-        "font_index": np.concatenate(font_index),
+        "font_index": font_index,
     }
 
 

@@ -1,0 +1,188 @@
+"""The embedded comparison: every method, the full protocol, on the glyphs; and its seed check.
+
+    python benchmarks/embedded_comparison.py run --seed 0 [--methods a,b,...] [--jobs 2]
+    python benchmarks/embedded_comparison.py spearman results/embedded/seed_0 \
+        results/embedded/seed_1
+
+`run` renders the glyphs and builds the pretrained glyph trunk once, then runs each method's
+cell `<alias>_glyphs --profile embedded` (studies/profiles/embedded.toml: Sobol+GP search with
+--trials, best trial + --reproductions retrainings) into OUT/<study>, `--jobs` studies side by
+side, each with one torch thread (measured faster on 2 cores than one study with 2 threads:
+benchmarks/bench_embedded_parallel.py). Then the report (OUT/report) and OUT/comparison.md/.json:
+wall time, share of final folds ended by early stopping, trained vs untrained test MAP@R.
+
+`spearman` ranks the methods of two runs by concatenated test MAP@R and writes the Spearman rank
+correlation with both tables (results/embedded/seeds.md by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pandas as pd
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def all_methods() -> list[str]:
+    from harness.benchmark import loss_names, loss_row
+
+    return [loss_row(name).alias for name in loss_names()]
+
+
+def prepare_once() -> None:
+    """Render the glyphs and build the trunk before parallel studies would each wait on it."""
+    from harness.config import load_study
+    from harness.data import prepare_data
+    from harness.models import find_weights_file
+
+    prepare_data(load_study("quickstart"))
+    find_weights_file("small_cnn")
+
+
+def run_study(study: str, args, out: Path) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HARNESS_NO_PROGRESS": "1"}
+    cmd = [sys.executable, "-m", "harness.run", "--study", study, "--profile", "embedded",
+           "--set", f"seed={args.seed}", "--trials", str(args.trials),
+           "--reproductions", str(args.reproductions), "--output", str(out / study),
+           "--device", args.device]
+    start = time.perf_counter()
+    with open(out / f"{study}.log", "a") as log:
+        code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    seconds = time.perf_counter() - start
+    print(f"{'done' if code == 0 else 'FAILED'} {study} in {seconds:.0f} s (exit {code})",
+          flush=True)
+    return {"study": study, "exit": code, "seconds": round(seconds, 1)}
+
+
+def final_folds(run_dir: Path) -> pd.DataFrame:
+    """The separated rows of the retrained final folds (reproductions >= 1)."""
+    frame = pd.read_csv(run_dir / "final" / "test_metrics.csv")
+    return frame[(frame["mode"] == "separated") & (frame["source"] != "best_trial")]
+
+
+def markdown(frame: pd.DataFrame, index: bool = False) -> str:
+    """A GitHub table (pandas' to_markdown needs tabulate, which the harness does not install)."""
+    frame = frame.reset_index() if index else frame
+    cell = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    rows = [list(frame.columns)] + [[cell(v) for v in row] for row in frame.itertuples(False)]
+    lines = ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    return "\n".join([lines[0], "|" + "---|" * len(frame.columns), *lines[1:]])
+
+
+def summarise(out: Path, studies: list[str]) -> pd.DataFrame:
+    rows = []
+    for study in studies:
+        final = out / study / "final"
+        summary = json.loads((final / "summary.json").read_text())
+        means = {(r["mode"], r["metric"]): r for r in summary["summary"]}
+        folds = final_folds(out / study)
+        rows.append({"study": study,
+                     "concatenated_map_at_r": means[("concatenated", "map_at_r")]["mean"],
+                     "ci95": means[("concatenated", "map_at_r")]["ci95"],
+                     "separated_map_at_r": means[("separated", "map_at_r")]["mean"],
+                     "untrained_map_at_r": summary["untrained"]["map_at_r"],
+                     "runs": means[("concatenated", "map_at_r")]["n"],
+                     "final_folds": len(folds),
+                     "early_stopped": int((folds["stop"] == "patience").sum()),
+                     "mean_best_epoch": float(folds["best_epoch"].mean())})
+    return pd.DataFrame(rows)
+
+
+def command_run(args) -> int:
+    methods = args.methods.split(",") if args.methods else all_methods()
+    studies = [f"{m}_glyphs" for m in methods]
+    out = Path(args.out or REPO / "results" / "embedded" / f"seed_{args.seed}")
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    prepare_once()
+    prepared = time.perf_counter()
+    with ThreadPoolExecutor(args.jobs) as pool:
+        runs = list(pool.map(lambda s: run_study(s, args, out), studies))
+    finished = time.perf_counter()
+    failed = [r["study"] for r in runs if r["exit"]]
+    done = [r["study"] for r in runs if not r["exit"]]
+    table = summarise(out, done) if done else pd.DataFrame()
+    subprocess.call([sys.executable, "-m", "harness.report", *[str(out / s) for s in done],
+                     "--out", str(out / "report")], cwd=REPO)
+    record = {"seed": args.seed, "methods": methods, "jobs": args.jobs, "threads": args.threads,
+              "trials": args.trials, "reproductions": args.reproductions,
+              "prepare_seconds": round(prepared - start, 1),
+              "studies_wall_seconds": round(finished - prepared, 1), "runs": runs,
+              "failed": failed, "cpu_count": os.cpu_count(),
+              "table": table.to_dict(orient="records")}
+    (out / "comparison.json").write_text(json.dumps(record, indent=1))
+    lines = [f"# Embedded comparison, seed {args.seed}", "",
+             f"{len(done)} of {len(studies)} methods, {args.trials} trials, best trial + "
+             f"{args.reproductions} retrainings each; {args.jobs} studies side by side with "
+             f"{args.threads} torch thread(s) on {os.cpu_count()} CPU cores.", "",
+             f"- wall time of the studies: {finished - prepared:.0f} s "
+             f"(data + trunk preparation before: {prepared - start:.0f} s)"]
+    if done:
+        stopped, total = int(table["early_stopped"].sum()), int(table["final_folds"].sum())
+        lines += [f"- final (retrained) folds ended by early stopping: {stopped} / {total} "
+                  f"({stopped / total:.0%})", "",
+                  markdown(table.sort_values("concatenated_map_at_r", ascending=False))]
+    if failed:
+        lines += ["", f"FAILED: {', '.join(failed)} (see OUT/<study>.log)"]
+    (out / "comparison.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 1 if failed else 0
+
+
+def command_spearman(args) -> int:
+    from scipy import stats
+
+    tables = []
+    for run in args.runs:
+        record = json.loads((Path(run) / "comparison.json").read_text())
+        frame = pd.DataFrame(record["table"]).set_index("study")
+        tables.append((run, record["seed"], frame["concatenated_map_at_r"]))
+    common = sorted(set(tables[0][2].index) & set(tables[1][2].index))
+    a, b = (t[2].loc[common] for t in tables)
+    rho, p = stats.spearmanr(a, b)
+    (_, seed_a, _), (_, seed_b, _) = tables
+    both = pd.DataFrame({f"seed {seed_a}": a, f"rank {seed_a}": a.rank(ascending=False),
+                         f"seed {seed_b}": b, f"rank {seed_b}": b.rank(ascending=False)})
+    both = both.sort_values(f"seed {tables[0][1]}", ascending=False)
+    text = "\n".join([
+        "# Is the ranking reproducible? Two seeds of the embedded comparison", "",
+        f"Runs: {tables[0][0]} and {tables[1][0]}; {len(common)} methods in both.", "",
+        f"Spearman rank correlation of concatenated test MAP@R: **{rho:.3f}** (p = {p:.3g}).", "",
+        markdown(both, index=True), ""])
+    Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the comparison for one seed")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--methods", default="", help="comma-separated loss aliases (default all)")
+    run.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                     help="studies side by side (default: the CPU cores)")
+    run.add_argument("--threads", type=int, default=1, help="torch threads per study")
+    run.add_argument("--trials", type=int, default=10)
+    run.add_argument("--reproductions", type=int, default=10)
+    run.add_argument("--device", default="cpu")
+    run.add_argument("--out", default="", help="default results/embedded/seed_<seed>")
+    spearman = sub.add_parser("spearman", help="rank agreement of two runs")
+    spearman.add_argument("runs", nargs=2)
+    spearman.add_argument("--out", default=str(REPO / "results" / "embedded" / "seeds.md"))
+    args = p.parse_args(argv)
+    return command_run(args) if args.command == "run" else command_spearman(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

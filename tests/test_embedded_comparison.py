@@ -1,0 +1,60 @@
+"""benchmarks/embedded_comparison.py: its summary of run folders and the seed agreement."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pandas as pd
+import pytest
+from conftest import REPO
+
+
+def driver():
+    spec = importlib.util.spec_from_file_location(
+        "embedded_comparison", REPO / "benchmarks" / "embedded_comparison.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_comparison(folder, seed: int, scores: dict[str, float]) -> None:
+    folder.mkdir()
+    table = [{"study": s, "concatenated_map_at_r": v} for s, v in scores.items()]
+    (folder / "comparison.json").write_text(json.dumps({"seed": seed, "table": table}))
+
+
+@pytest.mark.parametrize("second, rho", [
+    ({"a": 0.5, "b": 0.4, "c": 0.3, "d": 0.2}, 1.0),  # same order, other values
+    ({"a": 0.2, "b": 0.3, "c": 0.4, "d": 0.5}, -1.0),  # reversed
+    ({"a": 0.5, "b": 0.3, "c": 0.4, "d": 0.2}, 0.8),  # one adjacent swap: 1 - 6*2/(4*15)
+])
+def test_spearman_of_two_seeds(tmp_path, second, rho):
+    write_comparison(tmp_path / "s0", 0, {"a": 0.9, "b": 0.8, "c": 0.7, "d": 0.6})
+    write_comparison(tmp_path / "s1", 1, second)
+    out = tmp_path / "seeds.md"
+    assert driver().main(["spearman", str(tmp_path / "s0"), str(tmp_path / "s1"),
+                          "--out", str(out)]) == 0
+    text = out.read_text()
+    assert f"**{rho:.3f}**" in text and "4 methods in both" in text
+
+
+def test_summary_counts_early_stopped_retrained_folds_only(tmp_path):
+    final = tmp_path / "m_glyphs" / "final"
+    final.mkdir(parents=True)
+    rows = [(0, "separated", f, "best_trial", "search") for f in range(4)]
+    rows += [(1, "separated", f, "retrained", "patience" if f < 3 else "max_epochs")
+             for f in range(4)]
+    rows += [(1, "concatenated", -1, "retrained", "")]
+    pd.DataFrame([{"reproduction": r, "mode": m, "fold": f, "source": s, "stop": st,
+                   "best_epoch": 10, "map_at_r": 0.5} for r, m, f, s, st in rows]).to_csv(
+        final / "test_metrics.csv", index=False)
+    summary = [{"mode": mode, "metric": "map_at_r", "mean": mean, "std": 0.0, "ci95": 0.01,
+                "n": 2} for mode, mean in (("concatenated", 0.6), ("separated", 0.5))]
+    (final / "summary.json").write_text(json.dumps({"summary": summary,
+                                                    "untrained": {"map_at_r": 0.2}}))
+    row = driver().summarise(tmp_path, ["m_glyphs"]).iloc[0]
+    assert (row.final_folds, row.early_stopped) == (4, 3)
+    assert (row.concatenated_map_at_r, row.untrained_map_at_r) == (0.6, 0.2)
+    table = driver().markdown(pd.DataFrame([row]))
+    assert table.splitlines()[1].count("---") == len(row) and "0.6000" in table
