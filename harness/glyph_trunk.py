@@ -158,7 +158,7 @@ def pretrain_characters(params: PretrainParams, fonts: list[Path]) -> list[str]:
     pool = [chr(c) for low, high in CANDIDATE_RANGES for c in range(low, high + 1)]
     pool = [c for c in pool if unicodedata.category(c)[0] in "LSNP"
             and not _forbidden_by_text(c, bench_set)]
-    support = _font_support(pool, fonts)
+    support = fonts_per_character(pool, fonts, require_all=False)
     pool, support = zip(*[(c, s) for c, s in zip(pool, support) if len(s) >= MIN_FONTS])
     lookalikes = homoglyphs(list(pool), benchmark, list(support),
                             fonts_per_character(benchmark, fonts), fonts)
@@ -169,23 +169,6 @@ def pretrain_characters(params: PretrainParams, fonts: list[Path]) -> list[str]:
     rng = np.random.default_rng(params.seed)
     picked = rng.choice(len(pool), size=params.num_classes, replace=False)
     return [pool[i] for i in sorted(picked)]
-
-
-def _font_support(characters: list[str], fonts: list[Path]) -> list[list[int]]:
-    """Like glyphs.fonts_per_character, but a character no font draws gets an empty list."""
-    from fontTools.ttLib import TTFont
-
-    from harness.datasets.glyphs import font_has, quiet_fonttools
-
-    support: list[list[int]] = [[] for _ in characters]
-    with quiet_fonttools():
-        for font_index, path in enumerate(fonts):
-            with TTFont(str(path), lazy=True) as font:
-                cmap, glyph_set = font.getBestCmap(), font["glyf"]
-                for i, char in enumerate(characters):
-                    if font_has(cmap, glyph_set, char):
-                        support[i].append(font_index)
-    return support
 
 
 # ---------------------------------------------------------------------------------------------

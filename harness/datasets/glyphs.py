@@ -175,8 +175,10 @@ def font_has(cmap: dict, glyph_set, char: str) -> bool:
     return glyph_set[name].numberOfContours != 0
 
 
-def fonts_per_character(characters: list[str], fonts: list[Path]) -> list[list[int]]:
-    """For each character, the indices (into `fonts`) of the fonts that draw it."""
+def fonts_per_character(characters: list[str], fonts: list[Path],
+                        require_all: bool = True) -> list[list[int]]:
+    """For each character, the indices (into `fonts`) of the fonts that draw it. A character no
+    font draws is a DatasetError, or an empty list with require_all=False."""
     from fontTools.ttLib import TTFont
 
     support: list[list[int]] = [[] for _ in characters]
@@ -188,7 +190,7 @@ def fonts_per_character(characters: list[str], fonts: list[Path]) -> list[list[i
                     if font_has(cmap, glyph_set, char):
                         support[char_index].append(font_index)
     lacking = [c for c, fonts_of_c in zip(characters, support) if not fonts_of_c]
-    if lacking:
+    if lacking and require_all:
         raise DatasetError(f"glyphs: no available font draws {''.join(lacking)!r} (fonts "
                            f"looked at: {', '.join(p.stem for p in fonts)})")
     return support
