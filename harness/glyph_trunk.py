@@ -34,6 +34,7 @@ training); a file lock makes concurrent studies wait for one build instead of ea
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -41,6 +42,7 @@ import tempfile
 import time
 import unicodedata
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -151,7 +153,14 @@ def homoglyphs(candidates: list[str], benchmark: list[str], support_c: list[list
 def pretrain_characters(params: PretrainParams, fonts: list[Path]) -> list[str]:
     """The pretraining classes: disjoint from the benchmark's 256 characters (module docstring),
     drawn by at least MIN_FONTS fonts, params.num_classes of them picked with a fixed seed."""
+    return list(_pretrain_characters(params, tuple(fonts)))
+
+
+@lru_cache(maxsize=8)  # scanning and rendering ~1,900 candidates takes seconds; it is pure
+def _pretrain_characters(params: PretrainParams, fonts: tuple[Path, ...]) -> tuple[str, ...]:
     from harness.datasets.glyphs import MAX_CLASSES, fonts_per_character, glyph_characters
+
+    fonts = list(fonts)
 
     benchmark = glyph_characters(MAX_CLASSES)
     bench_set = set(benchmark)
@@ -168,7 +177,7 @@ def pretrain_characters(params: PretrainParams, fonts: list[Path]) -> list[str]:
                            f"{MIN_FONTS}+ of matplotlib's fonts, {params.num_classes} asked")
     rng = np.random.default_rng(params.seed)
     picked = rng.choice(len(pool), size=params.num_classes, replace=False)
-    return [pool[i] for i in sorted(picked)]
+    return tuple(pool[i] for i in sorted(picked))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,7 +324,11 @@ def pretrained_trunk_file(root: Path | None = None, params: PretrainParams | Non
             rendered = time.perf_counter()
             state, accuracy = pretrain(params, images, labels, log=log)
             finished = time.perf_counter()
-            _write_atomically(path, lambda temp: torch.save(state, temp))
+            # Through a buffer: torch.save names the archive inside the file after the file,
+            # and a temporary name would make every build's bytes (and hash) differ.
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            _write_atomically(path, lambda temp: Path(temp).write_bytes(buffer.getvalue()))
             info = {"key": key, "sha256": _sha256(path), "characters": "".join(characters),
                     "held_out_top1": accuracy, "render_seconds": round(rendered - start, 1),
                     "train_seconds": round(finished - rendered, 1),
