@@ -33,12 +33,10 @@ training); a file lock makes concurrent studies wait for one build instead of ea
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
 import os
-import tempfile
 import time
 import unicodedata
 from dataclasses import asdict, dataclass
@@ -50,6 +48,8 @@ import torch
 from torch import nn
 
 from harness.errors import DatasetError, WeightsError
+from harness.provenance import file_sha256
+from harness.run_folder import write_bytes_atomic, write_json_atomic
 
 PRETRAIN_VERSION = 1  # bump whenever the pretraining recipe changes: old weights are not reused
 PRETRAIN_SEED = 1409_04842  # fixed (an arXiv id, like the glyph data's seed)
@@ -266,12 +266,9 @@ def cache_key(params: PretrainParams, fonts: list[Path]) -> dict:
 
 
 def weights_path(root: Path, key: dict) -> Path:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    return root / f"small_cnn_glyphs_v{PRETRAIN_VERSION}_{digest}.pt"
+    from harness.datasets.glyphs import key_digest
 
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return root / f"small_cnn_glyphs_v{PRETRAIN_VERSION}_{key_digest(key)}.pt"
 
 
 def _cached(path: Path, key: dict) -> bool:
@@ -282,21 +279,9 @@ def _cached(path: Path, key: dict) -> bool:
         return False
     try:
         info = json.loads(sidecar.read_text())
-        return info.get("key") == key and info.get("sha256") == _sha256(path)
+        return info.get("key") == key and info.get("sha256") == file_sha256(path)
     except (OSError, ValueError, AttributeError):
         return False
-
-
-def _write_atomically(path: Path, write) -> None:
-    descriptor, temp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(descriptor)
-    try:
-        write(temp)
-        os.chmod(temp, 0o644)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 def pretrained_trunk_file(root: Path | None = None, params: PretrainParams | None = None,
@@ -328,13 +313,12 @@ def pretrained_trunk_file(root: Path | None = None, params: PretrainParams | Non
             # and a temporary name would make every build's bytes (and hash) differ.
             buffer = io.BytesIO()
             torch.save(state, buffer)
-            _write_atomically(path, lambda temp: Path(temp).write_bytes(buffer.getvalue()))
-            info = {"key": key, "sha256": _sha256(path), "characters": "".join(characters),
+            write_bytes_atomic(path, buffer.getvalue())
+            info = {"key": key, "sha256": file_sha256(path), "characters": "".join(characters),
                     "held_out_top1": accuracy, "render_seconds": round(rendered - start, 1),
                     "train_seconds": round(finished - rendered, 1),
                     "torch_threads": torch.get_num_threads()}
-            text = json.dumps(info, indent=1, ensure_ascii=False)
-            _write_atomically(path.with_suffix(".json"), lambda temp: Path(temp).write_text(text))
+            write_json_atomic(path.with_suffix(".json"), info)
             log(f"glyph trunk ready: held-out top-1 {accuracy:.3f} on {len(characters)} "
                 f"pretraining classes, {finished - start:.0f} s -> {path}")
     except OSError as e:

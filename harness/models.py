@@ -12,7 +12,7 @@ Trunks (registry `TRUNKS`):
   * "small_cnn": four conv-BN-ReLU blocks for 32x32 images (the embedded glyph data set of the
     quickstart); ~98k parameters. Its "ImageNet weights" are built, not downloaded: with
     pretrained=True and no `weights`, harness.glyph_trunk pretrains it on glyph classes disjoint
-    from the benchmark's (cached; built on first use in about 1-2 minutes on 2 CPU cores).
+    from the benchmark's (cached; built on first use in about 40 s on 2 CPU cores).
 
 Pretrained weights are NEVER downloaded: they come from `weights` (a local path) or, failing
 that, from the torch hub cache (`torch.hub.get_dir()/checkpoints/<file name>`, i.e.
@@ -262,7 +262,8 @@ def load_trunk_weights(net: nn.Module, trunk: str, weights: str = "") -> Path:
 
 def find_weights_file(trunk: str, weights: str = "") -> Path:
     """`weights` if given (it must exist), else the first of the trunk's files in the torch hub
-    cache. WeightsError (or ConfigError for small_cnn) when there is none."""
+    cache, or the weights the trunk builds itself (small_cnn: the glyph trunk). WeightsError (or
+    ConfigError for a trunk without any) when there is none."""
     spec = _trunk_spec(trunk)
     if weights:
         path = Path(weights).expanduser()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import os
 import platform
 import subprocess
@@ -57,6 +58,11 @@ def hardware(device: torch.device | None = None) -> dict:
         if device.type == "cuda":
             info["device_name"] = torch.cuda.get_device_name(device)
     return info
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes: names exactly which weight file a run started from."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def redact_word(word: str) -> str:

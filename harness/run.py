@@ -151,9 +151,10 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(cfg.train.device)
     storage = args.storage or default_storage(output)
     check_study_database(sqlite_path(storage), output)
+    trunk_weights = _trunk_weights(cfg)  # may build the glyph trunk: not under the lock
     with output_lock(output):  # several workers may share one output folder
         write_json_atomic(output / "config.json", cfg.to_dict())
-        _log_invocation(output, device, storage, cfg)
+        _log_invocation(output, device, storage, trunk_weights)
 
     started = time.time()
     data = prepare_data(cfg)
@@ -224,10 +225,10 @@ def output_lock(output: Path):
     return file_lock(output / ".lock")
 
 
-def _log_invocation(output: Path, device, storage: str, cfg: StudyConfig) -> None:
+def _log_invocation(output: Path, device, storage: str, trunk_weights: dict | None) -> None:
     path = output / "provenance.json"
     runs = json.loads(path.read_text()) if path.exists() else []
-    runs.append(provenance(device, storage=storage, trunk_weights=_trunk_weights(cfg)))
+    runs.append(provenance(device, storage=storage, trunk_weights=trunk_weights))
     write_json_atomic(path, runs)
 
 
@@ -235,16 +236,14 @@ def _trunk_weights(cfg: StudyConfig) -> dict | None:
     """Which pretrained weight file the run starts from, and its hash (None: random init, or
     no file yet: preflight then says what is missing). The glyph trunk is built here on first
     use."""
-    import hashlib
-
     from harness.models import find_weights_file
+    from harness.provenance import file_sha256
 
     if not cfg.model.pretrained:
         return None
     try:
         weights = find_weights_file(cfg.model.trunk, cfg.model.weights)
-        return {"file": str(weights),
-                "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+        return {"file": str(weights), "sha256": file_sha256(weights)}
     except (HarnessError, OSError):
         return None
 

@@ -33,13 +33,18 @@ RESUMABLE_KEYS = {("search", "trials"), ("final", "reproductions"), ("train", "d
 SQLITE_HEADER = b"SQLite format 3\x00"
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON via a temporary file unique to this process, then rename: a reader never sees
-    a torn file, and two processes never share a temporary file."""
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write via a temporary file unique to this process, then rename: a reader never sees a
+    torn file, and two processes never share a temporary file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """JSON through write_bytes_atomic."""
+    write_bytes_atomic(path, json.dumps(obj, indent=2, default=str).encode())
 
 
 def read_json(path: Path) -> Any | None:

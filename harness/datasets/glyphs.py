@@ -323,10 +323,14 @@ def cache_key(params: GlyphParams, fonts: list[Path]) -> dict:
             "fonts": fonts_fingerprint(fonts)}
 
 
+def key_digest(key: dict) -> str:
+    """12 hex digits naming a cache file after everything that went into it."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def cache_path(root: Path, params: GlyphParams, key: dict) -> Path:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     return root / (f"glyphs_v{GENERATOR_VERSION}_{params.num_classes}c_{params.per_class}pc_"
-                   f"{params.image_size}px_{digest}.npz")
+                   f"{params.image_size}px_{key_digest(key)}.npz")
 
 
 def write_npz_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
