@@ -11,6 +11,10 @@ side, each with one torch thread (measured faster on 2 cores than one study with
 benchmarks/bench_embedded_parallel.py). Then the report (OUT/report) and OUT/comparison.md/.json:
 wall time, share of final folds ended by early stopping, trained vs untrained test MAP@R.
 
+Running `run` again into the same folder with other `--methods` adds them: comparison.json keeps
+each invocation as a batch, and the table and the report cover every study of the folder that
+succeeded (same seed, trials and reproductions, or it refuses).
+
 `spearman` ranks the methods of two runs by concatenated test MAP@R and writes the Spearman rank
 correlation with both tables (results/embedded/seeds.md by default).
 """
@@ -97,11 +101,38 @@ def summarise(out: Path, studies: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def load_record(out: Path, args) -> dict:
+    """OUT/comparison.json, to extend: one seed and one budget per folder, or refuse.
+
+    A folder's table mixes studies from several invocations (`--methods` in batches); they must
+    share the seed, trials and reproductions, or the table would compare unlike runs silently.
+    """
+    path = out / "comparison.json"
+    want = {"seed": args.seed, "trials": args.trials, "reproductions": args.reproductions}
+    if not path.exists():
+        return {**want, "batches": []}
+    record = json.loads(path.read_text())
+    if "batches" not in record:  # written before batches: the whole record was one invocation
+        keys = ("methods", "jobs", "threads", "prepare_seconds", "studies_wall_seconds", "runs",
+                "failed", "cpu_count")
+        record = {**{k: record[k] for k in want}, "batches": [{k: record.get(k) for k in keys}]}
+    have = {k: record.get(k) for k in want}
+    if have != want:
+        raise SystemExit(f"{path} holds a comparison with {have}, not {want}: give another "
+                         f"--out (or --seed/--trials/--reproductions matching it)")
+    return record
+
+
 def command_run(args) -> int:
     methods = args.methods.split(",") if args.methods else all_methods()
+    unknown = sorted(set(methods) - set(all_methods()))
+    if unknown:
+        raise SystemExit(f"unknown method(s) {', '.join(unknown)}; registered: "
+                         f"{', '.join(all_methods())}")
     studies = [f"{m}_glyphs" for m in methods]
     out = Path(args.out or REPO / "results" / "embedded" / f"seed_{args.seed}")
     out.mkdir(parents=True, exist_ok=True)
+    record = load_record(out, args)
     start = time.perf_counter()
     prepare_once()
     prepared = time.perf_counter()
@@ -109,33 +140,45 @@ def command_run(args) -> int:
         runs = list(pool.map(lambda s: run_study(s, args, out), studies))
     finished = time.perf_counter()
     failed = [r["study"] for r in runs if r["exit"]]
-    done = [r["study"] for r in runs if not r["exit"]]
+    record["batches"].append({
+        "methods": methods, "jobs": args.jobs, "threads": args.threads, "device": args.device,
+        "prepare_seconds": round(prepared - start, 1),
+        "studies_wall_seconds": round(finished - prepared, 1), "runs": runs, "failed": failed,
+        "cpu_count": os.cpu_count()})
+    # the table: every study of this folder that has succeeded in some batch, the old first
+    succeeded = [r["study"] for b in record["batches"] for r in b["runs"] if not r["exit"]]
+    done = [s for s in dict.fromkeys(succeeded) if (out / s / "final" / "summary.json").exists()]
     table = summarise(out, done) if done else pd.DataFrame()
     subprocess.call([sys.executable, "-m", "harness.report", *[str(out / s) for s in done],
                      "--out", str(out / "report")], cwd=REPO)
-    record = {"seed": args.seed, "methods": methods, "jobs": args.jobs, "threads": args.threads,
-              "trials": args.trials, "reproductions": args.reproductions,
-              "prepare_seconds": round(prepared - start, 1),
-              "studies_wall_seconds": round(finished - prepared, 1), "runs": runs,
-              "failed": failed, "cpu_count": os.cpu_count(),
-              "table": table.to_dict(orient="records")}
+    record["table"] = table.to_dict(orient="records")
     (out / "comparison.json").write_text(json.dumps(record, indent=1))
-    lines = [f"# Embedded comparison, seed {args.seed}", "",
-             f"{len(done)} of {len(studies)} methods, {args.trials} trials, best trial + "
-             f"{args.reproductions} retrainings each; {args.jobs} studies side by side with "
-             f"{args.threads} torch thread(s) on {os.cpu_count()} CPU cores.", "",
-             f"- wall time of the studies: {finished - prepared:.0f} s "
-             f"(data + trunk preparation before: {prepared - start:.0f} s)"]
-    if done:
-        stopped, total = int(table["early_stopped"].sum()), int(table["final_folds"].sum())
-        lines += [f"- final (retrained) folds ended by early stopping: {stopped} / {total} "
-                  f"({stopped / total:.0%})", "",
-                  markdown(table.sort_values("concatenated_map_at_r", ascending=False))]
-    if failed:
-        lines += ["", f"FAILED: {', '.join(failed)} (see OUT/<study>.log)"]
+    lines = comparison_markdown(record, table, failed)
     (out / "comparison.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 1 if failed else 0
+
+
+def comparison_markdown(record: dict, table: pd.DataFrame, failed: list[str]) -> list[str]:
+    batches = record["batches"]
+    lines = [f"# Embedded comparison, seed {record['seed']}", "",
+             f"{len(table)} methods, {record['trials']} trials, best trial + "
+             f"{record['reproductions']} retrainings each, run in {len(batches)} batch(es):", ""]
+    for b in batches:
+        lines.append(f"- {len(b['runs'])} studies ({', '.join(b['methods'])}), {b['jobs']} side "
+                     f"by side with {b['threads']} torch thread(s) on {b['cpu_count']} CPU "
+                     f"cores ({b.get('device') or 'cpu'}): {b['studies_wall_seconds']:.0f} s "
+                     f"wall (data + trunk preparation before: {b['prepare_seconds']:.0f} s)")
+    total = sum(b["studies_wall_seconds"] for b in batches)
+    lines.append(f"- wall time of all batches: {total:.0f} s")
+    if len(table):
+        stopped, folds = int(table["early_stopped"].sum()), int(table["final_folds"].sum())
+        lines += [f"- final (retrained) folds ended by early stopping: {stopped} / {folds} "
+                  f"({stopped / folds:.0%})", "",
+                  markdown(table.sort_values("concatenated_map_at_r", ascending=False))]
+    if failed:
+        lines += ["", f"FAILED: {', '.join(failed)} (see OUT/<study>.log)"]
+    return lines
 
 
 def command_spearman(args) -> int:

@@ -58,3 +58,39 @@ def test_summary_counts_early_stopped_retrained_folds_only(tmp_path):
     assert (row.concatenated_map_at_r, row.untrained_map_at_r) == (0.6, 0.2)
     table = driver().markdown(pd.DataFrame([row]))
     assert table.splitlines()[1].count("---") == len(row) and "0.6000" in table
+
+
+def run_args(seed=0, trials=10, reproductions=10):
+    import argparse
+
+    return argparse.Namespace(seed=seed, trials=trials, reproductions=reproductions)
+
+
+def test_record_of_a_folder_written_before_batches_becomes_one_batch(tmp_path):
+    old = {"seed": 0, "methods": ["a"], "jobs": 2, "threads": 1, "trials": 10,
+           "reproductions": 10, "prepare_seconds": 9.0, "studies_wall_seconds": 100.0,
+           "runs": [{"study": "a_glyphs", "exit": 0, "seconds": 99.0}], "failed": [],
+           "cpu_count": 2, "table": []}
+    (tmp_path / "comparison.json").write_text(json.dumps(old))
+    record = driver().load_record(tmp_path, run_args())
+    assert record["batches"] == [{k: old[k] for k in (
+        "methods", "jobs", "threads", "prepare_seconds", "studies_wall_seconds", "runs",
+        "failed", "cpu_count")}]
+    lines = driver().comparison_markdown(record, pd.DataFrame(), [])
+    assert "- wall time of all batches: 100 s" in lines
+
+
+@pytest.mark.parametrize("args", [run_args(seed=1), run_args(trials=4),
+                                  run_args(reproductions=2)])
+def test_extending_a_folder_with_another_budget_or_seed_is_refused(tmp_path, args):
+    (tmp_path / "comparison.json").write_text(json.dumps(
+        {"seed": 0, "trials": 10, "reproductions": 10, "batches": []}))
+    with pytest.raises(SystemExit, match="not"):
+        driver().load_record(tmp_path, args)
+    assert driver().load_record(tmp_path, run_args())["batches"] == []
+
+
+def test_unknown_method_is_refused_before_any_work(tmp_path):
+    with pytest.raises(SystemExit, match="unknown method.*nope.*registered"):
+        driver().main(["run", "--methods", "proxy_anchor,nope", "--out", str(tmp_path)])
+    assert not (tmp_path / "comparison.json").exists()
