@@ -181,26 +181,45 @@ def comparison_markdown(record: dict, table: pd.DataFrame, failed: list[str]) ->
     return lines
 
 
-def command_spearman(args) -> int:
+def seed_agreement(a: pd.Series, b: pd.Series) -> dict:
+    """How far two seeds' scores of the same methods agree: Spearman's rho, the pairs of methods
+    ordered the same way by both, and the between-seed gap of each method's score."""
     from scipy import stats
 
+    rho, p = stats.spearmanr(a, b)
+    pairs = [(x, y) for i, x in enumerate(a.index) for y in a.index[i + 1:]]
+    same = sum((a[x] - a[y]) * (b[x] - b[y]) > 0 for x, y in pairs)
+    return {"rho": float(rho), "p": float(p), "pairs": len(pairs), "same_order": int(same),
+            "mean_abs_gap": float((a - b).abs().mean())}
+
+
+def command_spearman(args) -> int:
     tables = []
     for run in args.runs:
         record = json.loads((Path(run) / "comparison.json").read_text())
         frame = pd.DataFrame(record["table"]).set_index("study")
-        tables.append((run, record["seed"], frame["concatenated_map_at_r"]))
+        tables.append((run, record["seed"], frame))
     common = sorted(set(tables[0][2].index) & set(tables[1][2].index))
-    a, b = (t[2].loc[common] for t in tables)
-    rho, p = stats.spearmanr(a, b)
+    a, b = (t[2].loc[common, "concatenated_map_at_r"] for t in tables)
+    agree = seed_agreement(a, b)
     (_, seed_a, _), (_, seed_b, _) = tables
     both = pd.DataFrame({f"seed {seed_a}": a, f"rank {seed_a}": a.rank(ascending=False),
                          f"seed {seed_b}": b, f"rank {seed_b}": b.rank(ascending=False)})
-    both = both.sort_values(f"seed {tables[0][1]}", ascending=False)
-    text = "\n".join([
+    both = both.sort_values(f"seed {seed_a}", ascending=False)
+    lines = [
         "# Is the ranking reproducible? Two seeds of the embedded comparison", "",
         f"Runs: {tables[0][0]} and {tables[1][0]}; {len(common)} methods in both.", "",
-        f"Spearman rank correlation of concatenated test MAP@R: **{rho:.3f}** (p = {p:.3g}).", "",
-        markdown(both, index=True), ""])
+        f"Spearman rank correlation of concatenated test MAP@R: **{agree['rho']:.3f}** "
+        f"(p = {agree['p']:.3g}).", "",
+        f"Pairs of methods in the same order in both seeds: {agree['same_order']} of "
+        f"{agree['pairs']}.", ""]
+    if all("ci95" in t[2].columns for t in tables):
+        ci = pd.concat([t[2].loc[common, "ci95"] for t in tables]).mean()
+        lines += [f"Mean gap between a method's two seeds: {agree['mean_abs_gap']:.4f} MAP@R; "
+                  f"mean half-width of a seed's 95% interval over its retrainings: {ci:.4f} "
+                  "(the interval does not contain the search's variance).", ""]
+    lines += [markdown(both, index=True), ""]
+    text = "\n".join(lines)
     Path(args.out).write_text(text)
     print(text)
     return 0

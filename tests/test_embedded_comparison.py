@@ -37,6 +37,17 @@ def test_spearman_of_two_seeds(tmp_path, second, rho):
                           "--out", str(out)]) == 0
     text = out.read_text()
     assert f"**{rho:.3f}**" in text and "4 methods in both" in text
+    same = {1.0: 6, -1.0: 0, 0.8: 5}[rho]  # of the 6 pairs
+    assert f"same order in both seeds: {same} of 6" in text
+
+
+def test_seed_agreement_counts_pairs_and_gaps():
+    a = pd.Series({"x": 0.5, "y": 0.4, "z": 0.3})
+    b = pd.Series({"x": 0.3, "y": 0.45, "z": 0.2})  # x-y swapped; x-z and y-z kept
+    agree = driver().seed_agreement(a, b)
+    assert (agree["pairs"], agree["same_order"]) == (3, 2)
+    assert agree["mean_abs_gap"] == pytest.approx((0.2 + 0.05 + 0.1) / 3)
+    assert agree["rho"] == pytest.approx(0.5)
 
 
 def test_summary_counts_early_stopped_retrained_folds_only(tmp_path):

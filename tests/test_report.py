@@ -192,6 +192,7 @@ def test_welch_p_value_matches_scipy(two_methods):
     assert conc["p_holm"] == pytest.approx(conc["p"])  # a family of one pair
     md = (two_methods.out / "significance.md").read_text()
     assert "Welch" in md and "Holm" in md and "equal_var=False" in md
+    assert "search's own variance" in md  # says what the tests do not cover
 
 
 def test_holm_by_hand():

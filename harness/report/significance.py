@@ -22,7 +22,10 @@ TEST_DESCRIPTION = (
     "separated: the mean of the fold models' scores in each reproduction). p-values are "
     "Holm-corrected (step-down, family-wise error rate) across all pairs of methods of one data "
     "set, mode and metric; a pair is marked significant when the corrected p < "
-    f"{ALPHA}.")
+    f"{ALPHA}. Scope: the reproductions retrain each method's best trial, so these tests see "
+    "the retraining variance only, given each search's winner. The search's own variance (a "
+    "search with another seed may pick another configuration) is not in them; at small search "
+    "budgets compare whole runs of the protocol across seeds (docs/embedded.md).")
 
 
 def holm(pvalues) -> np.ndarray:
