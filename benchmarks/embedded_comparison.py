@@ -193,6 +193,30 @@ def seed_agreement(a: pd.Series, b: pd.Series) -> dict:
             "mean_abs_gap": float((a - b).abs().mean())}
 
 
+def significance_agreement(a: pd.DataFrame, b: pd.DataFrame, seed_a, seed_b) -> list[str]:
+    """Do the within-seed Holm-corrected Welch tests (concatenated MAP@R) replicate? For each
+    pair tested in both seeds: significant in both the same way, in one only, or in opposite
+    directions (each seed's test blind to the search variance that makes that possible)."""
+    def signs(frame: pd.DataFrame) -> dict:
+        rows = frame[(frame["mode"] == "concatenated") & (frame["metric"] == "map_at_r")]
+        return {frozenset((r.method_a, r.method_b)): (r.method_a, r.diff, bool(r.significant))
+                for r in rows.itertuples()}
+
+    sa, sb = signs(a), signs(b)
+    counts = {"both, same direction": 0, "both, opposite directions": 0, "one seed only": 0,
+              "neither": 0}
+    for pair in sa.keys() & sb.keys():
+        (first_a, diff_a, sig_a), (first_b, diff_b, sig_b) = sa[pair], sb[pair]
+        same = (diff_a > 0) == ((diff_b > 0) if first_a == first_b else (diff_b < 0))
+        key = ("neither" if not (sig_a or sig_b) else "one seed only" if sig_a != sig_b
+               else "both, same direction" if same else "both, opposite directions")
+        counts[key] += 1
+    tested = sum(counts.values())
+    return [f"Pairs significant after Holm (concatenated MAP@R, each seed's report) among the "
+            f"{tested} pairs tested in seeds {seed_a} and {seed_b}: "
+            + "; ".join(f"{k}: {v}" for k, v in counts.items()) + ".", ""]
+
+
 def command_spearman(args) -> int:
     tables = []
     for run in args.runs:
@@ -218,6 +242,9 @@ def command_spearman(args) -> int:
         lines += [f"Mean gap between a method's two seeds: {agree['mean_abs_gap']:.4f} MAP@R; "
                   f"mean half-width of a seed's 95% interval over its retrainings: {ci:.4f} "
                   "(the interval does not contain the search's variance).", ""]
+    tests = [Path(run) / "report" / "significance.csv" for run in args.runs]
+    if all(t.exists() for t in tests):
+        lines += significance_agreement(*(pd.read_csv(t) for t in tests), seed_a, seed_b)
     lines += [markdown(both, index=True), ""]
     text = "\n".join(lines)
     Path(args.out).write_text(text)

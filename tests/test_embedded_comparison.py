@@ -105,3 +105,19 @@ def test_unknown_method_is_refused_before_any_work(tmp_path):
     with pytest.raises(SystemExit, match="unknown method.*nope.*registered"):
         driver().main(["run", "--methods", "proxy_anchor,nope", "--out", str(tmp_path)])
     assert not (tmp_path / "comparison.json").exists()
+
+
+def test_significance_agreement_sorts_pairs_by_replication():
+    def tests(rows):
+        return pd.DataFrame([{"mode": "concatenated", "metric": "map_at_r", "method_a": a,
+                              "method_b": b, "diff": d, "significant": s} for a, b, d, s in rows])
+
+    seed0 = tests([("x", "y", 0.02, True), ("x", "z", 0.03, True), ("y", "z", 0.01, True),
+                   ("w", "x", 0.01, False)])
+    # x-y replicated (listed the other way round), x-z reversed, y-z only in seed 0, w-x neither
+    seed1 = tests([("y", "x", -0.01, True), ("x", "z", -0.02, True), ("y", "z", 0.01, False),
+                   ("w", "x", 0.0, False)])
+    line = driver().significance_agreement(seed0, seed1, 0, 1)[0]
+    assert "4 pairs" in line
+    assert ("both, same direction: 1; both, opposite directions: 1; one seed only: 1; "
+            "neither: 1") in line
