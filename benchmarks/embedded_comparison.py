@@ -111,11 +111,16 @@ def load_record(out: Path, args) -> dict:
     want = {"seed": args.seed, "trials": args.trials, "reproductions": args.reproductions}
     if not path.exists():
         return {**want, "batches": []}
-    record = json.loads(path.read_text())
-    if "batches" not in record:  # written before batches: the whole record was one invocation
-        keys = ("methods", "jobs", "threads", "prepare_seconds", "studies_wall_seconds", "runs",
-                "failed", "cpu_count")
-        record = {**{k: record[k] for k in want}, "batches": [{k: record.get(k) for k in keys}]}
+    try:
+        record = json.loads(path.read_text())
+        if "batches" not in record:  # written before batches: the record was one invocation
+            keys = ("methods", "jobs", "threads", "prepare_seconds", "studies_wall_seconds",
+                    "runs", "failed", "cpu_count")
+            record = {**{k: record[k] for k in want},
+                      "batches": [{k: record.get(k) for k in keys}]}
+    except (ValueError, KeyError, TypeError) as e:  # the folder's files are untrusted
+        raise SystemExit(f"{path} is not a comparison record this script wrote ({e!r}); "
+                         f"move it away or give another --out") from None
     have = {k: record.get(k) for k in want}
     if have != want:
         raise SystemExit(f"{path} holds a comparison with {have}, not {want}: give another "
@@ -124,11 +129,14 @@ def load_record(out: Path, args) -> dict:
 
 
 def command_run(args) -> int:
-    methods = args.methods.split(",") if args.methods else all_methods()
-    unknown = sorted(set(methods) - set(all_methods()))
+    from harness.run_folder import write_json_atomic
+
+    registered = all_methods()
+    methods = args.methods.split(",") if args.methods else registered
+    unknown = sorted(set(methods) - set(registered))
     if unknown:
         raise SystemExit(f"unknown method(s) {', '.join(unknown)}; registered: "
-                         f"{', '.join(all_methods())}")
+                         f"{', '.join(registered)}")
     studies = [f"{m}_glyphs" for m in methods]
     out = Path(args.out or REPO / "results" / "embedded" / f"seed_{args.seed}")
     out.mkdir(parents=True, exist_ok=True)
@@ -152,7 +160,8 @@ def command_run(args) -> int:
     subprocess.call([sys.executable, "-m", "harness.report", *[str(out / s) for s in done],
                      "--out", str(out / "report")], cwd=REPO)
     record["table"] = table.to_dict(orient="records")
-    (out / "comparison.json").write_text(json.dumps(record, indent=1))
+    # atomic: the record holds every earlier batch's timings, which no rerun recovers
+    write_json_atomic(out / "comparison.json", record)
     lines = comparison_markdown(record, table, failed)
     (out / "comparison.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

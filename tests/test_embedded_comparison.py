@@ -101,6 +101,14 @@ def test_extending_a_folder_with_another_budget_or_seed_is_refused(tmp_path, arg
     assert driver().load_record(tmp_path, run_args())["batches"] == []
 
 
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"seed": 0}'])
+def test_a_foreign_or_torn_record_is_refused_and_kept(tmp_path, text):
+    (tmp_path / "comparison.json").write_text(text)
+    with pytest.raises(SystemExit, match="not a comparison record.*another --out"):
+        driver().load_record(tmp_path, run_args())
+    assert (tmp_path / "comparison.json").read_text() == text
+
+
 def test_unknown_method_is_refused_before_any_work(tmp_path):
     with pytest.raises(SystemExit, match="unknown method.*nope.*registered"):
         driver().main(["run", "--methods", "proxy_anchor,nope", "--out", str(tmp_path)])
