@@ -202,28 +202,98 @@ def seed_agreement(a: pd.Series, b: pd.Series) -> dict:
             "mean_abs_gap": float((a - b).abs().mean())}
 
 
+def method_name(label: str) -> str:
+    """'proxy_anchor_glyphs [embedded]' (a report label) or a study name -> 'proxy_anchor'."""
+    return label.split(" [")[0].removesuffix("_glyphs")
+
+
 def significance_agreement(a: pd.DataFrame, b: pd.DataFrame, seed_a, seed_b) -> list[str]:
     """Do the within-seed Holm-corrected Welch tests (concatenated MAP@R) replicate? For each
     pair tested in both seeds: significant in both the same way, in one only, or in opposite
-    directions (each seed's test blind to the search variance that makes that possible)."""
-    def signs(frame: pd.DataFrame) -> dict:
+    directions (each seed's test blind to the search variance that makes that possible).
+    Returns markdown: the counts, then which pairs fall in each case, grouped by the better
+    method."""
+    def outcomes(frame: pd.DataFrame) -> dict:
         rows = frame[(frame["mode"] == "concatenated") & (frame["metric"] == "map_at_r")]
-        return {frozenset((r.method_a, r.method_b)): (r.method_a, r.diff, bool(r.significant))
-                for r in rows.itertuples()}
+        result = {}
+        for r in rows.itertuples():
+            x, y = method_name(r.method_a), method_name(r.method_b)
+            better, worse = (x, y) if r.diff > 0 else (y, x)
+            result[frozenset((x, y))] = (better, worse, bool(r.significant))
+        return result
 
-    sa, sb = signs(a), signs(b)
-    counts = {"both, same direction": 0, "both, opposite directions": 0, "one seed only": 0,
-              "neither": 0}
-    for pair in sa.keys() & sb.keys():
-        (first_a, diff_a, sig_a), (first_b, diff_b, sig_b) = sa[pair], sb[pair]
-        same = (diff_a > 0) == ((diff_b > 0) if first_a == first_b else (diff_b < 0))
-        key = ("neither" if not (sig_a or sig_b) else "one seed only" if sig_a != sig_b
-               else "both, same direction" if same else "both, opposite directions")
-        counts[key] += 1
-    tested = sum(counts.values())
-    return [f"Pairs significant after Holm (concatenated MAP@R, each seed's report) among the "
-            f"{tested} pairs tested in seeds {seed_a} and {seed_b}: "
-            + "; ".join(f"{k}: {v}" for k, v in counts.items()) + ".", ""]
+    sa, sb = outcomes(a), outcomes(b)
+    cases = {"both, same direction": [], "both, opposite directions": [], "one seed only": [],
+             "neither": []}
+    for pair in sorted(sa.keys() & sb.keys(), key=sorted):
+        (better_a, worse_a, sig_a), (better_b, worse_b, sig_b) = sa[pair], sb[pair]
+        if not (sig_a or sig_b):
+            cases["neither"].append((better_a, worse_a, ""))
+        elif sig_a != sig_b:
+            better, worse, seed = (better_a, worse_a, seed_a) if sig_a else (
+                better_b, worse_b, seed_b)
+            cases["one seed only"].append((better, worse, f" (seed {seed})"))
+        elif better_a == better_b:
+            cases["both, same direction"].append((better_a, worse_a, ""))
+        else:
+            cases["both, opposite directions"].append((better_a, worse_a, ""))
+    tested = sum(len(v) for v in cases.values())
+    lines = [f"Pairs significant after Holm (concatenated MAP@R, each seed's report) among the "
+             f"{tested} pairs tested in seeds {seed_a} and {seed_b}: "
+             + "; ".join(f"{k}: {len(v)}" for k, v in cases.items()) + ".", ""]
+    headings = {
+        "both, same direction": "Significant after Holm in both seeds, the same way "
+                                "(better > worse):",
+        "both, opposite directions": f"Significant after Holm in both seeds, in opposite "
+                                     f"directions (seed {seed_a}'s better > worse; seed "
+                                     f"{seed_b} has the reverse):",
+        "one seed only": "Significant after Holm in one seed only (better > worse, in that seed):"}
+    for case, pairs in cases.items():
+        if not pairs or case == "neither":
+            continue
+        lines += [headings[case], ""]
+        by_better: dict[str, list[str]] = {}
+        for better, worse, where in pairs:
+            by_better.setdefault(better, []).append(worse + where)
+        lines += [f"- {better} > {', '.join(worse)}"
+                  for better, worse in sorted(by_better.items())]
+        lines.append("")
+    if cases["neither"]:
+        lines += ["Not significant in either seed: " + "; ".join(
+            f"{x} vs {y}" for x, y, _ in cases["neither"]) + ".", ""]
+    return lines
+
+
+def both_seeds_table(tables: list, common: list[str]) -> pd.DataFrame:
+    """One row per method in both runs, ordered by the mean of the two seeds' concatenated test
+    MAP@R: each seed's score (± the 95% half-width over its retrainings where recorded), rank,
+    and final folds ended by early stopping; then the untrained floor of each seed."""
+    rows = []
+    for study in common:
+        row = {"method": method_name(study)}
+        for _, seed, frame in tables:
+            r = frame.loc[study]
+            ci = f" ± {r['ci95']:.4f}" if "ci95" in frame.columns else ""
+            rank = int(frame.loc[common, "concatenated_map_at_r"].rank(ascending=False)[study])
+            row[f"seed {seed}"] = f"{r['concatenated_map_at_r']:.4f}{ci}"
+            row[f"rank {seed}"] = rank
+        scores = [t[2].loc[study, "concatenated_map_at_r"] for t in tables]
+        row["mean"] = sum(scores) / len(scores)
+        if all({"early_stopped", "final_folds"} <= set(t[2].columns) for t in tables):
+            row["early-stopped final folds"] = " / ".join(
+                f"{int(t[2].loc[study, 'early_stopped'])}/{int(t[2].loc[study, 'final_folds'])}"
+                for t in tables)
+        rows.append(row)
+    table = pd.DataFrame(rows).sort_values("mean", ascending=False)
+    if all("untrained_map_at_r" in t[2].columns for t in tables):
+        floor = {"method": "untrained (pretrained trunk, random embedder)"}
+        for _, seed, frame in tables:
+            floor[f"seed {seed}"] = f"{frame.loc[common, 'untrained_map_at_r'].mean():.4f}"
+            floor[f"rank {seed}"] = ""
+        floor["mean"] = sum(t[2].loc[common, "untrained_map_at_r"].mean()
+                            for t in tables) / len(tables)
+        table = pd.concat([table, pd.DataFrame([floor])]).fillna("")
+    return table
 
 
 def command_spearman(args) -> int:
@@ -236,9 +306,6 @@ def command_spearman(args) -> int:
     a, b = (t[2].loc[common, "concatenated_map_at_r"] for t in tables)
     agree = seed_agreement(a, b)
     (_, seed_a, _), (_, seed_b, _) = tables
-    both = pd.DataFrame({f"seed {seed_a}": a, f"rank {seed_a}": a.rank(ascending=False),
-                         f"seed {seed_b}": b, f"rank {seed_b}": b.rank(ascending=False)})
-    both = both.sort_values(f"seed {seed_a}", ascending=False)
     lines = [
         "# Is the ranking reproducible? Two seeds of the embedded comparison", "",
         f"Runs: {tables[0][0]} and {tables[1][0]}; {len(common)} methods in both.", "",
@@ -251,10 +318,12 @@ def command_spearman(args) -> int:
         lines += [f"Mean gap between a method's two seeds: {agree['mean_abs_gap']:.4f} MAP@R; "
                   f"mean half-width of a seed's 95% interval over its retrainings: {ci:.4f} "
                   "(the interval does not contain the search's variance).", ""]
+    lines += ["Concatenated test MAP@R per seed (mean ± 95% half-width over the best trial and "
+              "its retrainings), ordered by the mean of the two seeds:", "",
+              markdown(both_seeds_table(tables, common)), ""]
     tests = [Path(run) / "report" / "significance.csv" for run in args.runs]
     if all(t.exists() for t in tests):
         lines += significance_agreement(*(pd.read_csv(t) for t in tests), seed_a, seed_b)
-    lines += [markdown(both, index=True), ""]
     text = "\n".join(lines)
     Path(args.out).write_text(text)
     print(text)

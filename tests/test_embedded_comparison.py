@@ -125,7 +125,41 @@ def test_significance_agreement_sorts_pairs_by_replication():
     # x-y replicated (listed the other way round), x-z reversed, y-z only in seed 0, w-x neither
     seed1 = tests([("y", "x", -0.01, True), ("x", "z", -0.02, True), ("y", "z", 0.01, False),
                    ("w", "x", 0.0, False)])
-    line = driver().significance_agreement(seed0, seed1, 0, 1)[0]
-    assert "4 pairs" in line
+    lines = driver().significance_agreement(seed0, seed1, 0, 1)
+    assert "4 pairs" in lines[0]
     assert ("both, same direction: 1; both, opposite directions: 1; one seed only: 1; "
-            "neither: 1") in line
+            "neither: 1") in lines[0]
+    # which pairs: each listed under its case, better method first
+    text = "\n".join(lines)
+    same, opposite, one = (text.index(h) for h in (
+        "in both seeds, the same way", "in both seeds, in opposite", "in one seed only"))
+    assert same < text.index("- x > y") < opposite < text.index("- x > z") < one
+    assert text.index("- y > z (seed 0)") > one
+    assert "Not significant in either seed: w vs x." in text
+
+
+def test_report_labels_become_method_names():
+    name = driver().method_name
+    assert name("proxy_anchor_glyphs [embedded]") == name("proxy_anchor_glyphs") == "proxy_anchor"
+
+
+def test_both_seeds_table_orders_by_mean_and_ends_with_the_untrained_floor():
+    def frame(scores):
+        return pd.DataFrame([{"study": s, "concatenated_map_at_r": v, "ci95": 0.01,
+                              "untrained_map_at_r": 0.2, "final_folds": 40,
+                              "early_stopped": e} for s, (v, e) in scores.items()]
+                            ).set_index("study")
+
+    seed0 = frame({"a_glyphs": (0.40, 40), "b_glyphs": (0.30, 31), "c_glyphs": (0.35, 40)})
+    seed1 = frame({"a_glyphs": (0.30, 39), "b_glyphs": (0.38, 30), "c_glyphs": (0.36, 40),
+                   "d_glyphs": (0.5, 40)})  # d: one seed only, left out
+    table = driver().both_seeds_table([("s0", 0, seed0), ("s1", 1, seed1)],
+                                      ["a_glyphs", "b_glyphs", "c_glyphs"])
+    assert list(table["method"]) == ["c", "a", "b",
+                                     "untrained (pretrained trunk, random embedder)"]
+    c = table.iloc[0]
+    assert (c["seed 0"], c["rank 0"], c["seed 1"], c["rank 1"]) == (
+        "0.3500 ± 0.0100", 2, "0.3600 ± 0.0100", 2)
+    assert c["mean"] == pytest.approx(0.355)
+    assert table.iloc[2]["early-stopped final folds"] == "31/40 / 30/40"
+    assert table.iloc[3]["seed 0"] == "0.2000"
