@@ -136,8 +136,12 @@ def test_ctrl_c_requeues_the_trial_like_kill_9(tmp_path, glyph_root):
     cmd = [sys.executable, "-m", "harness.run", "--study", str(study), "--output", str(out),
            "--device", "cpu", "--stage", "search", "--trials", "1"]
     env = {**os.environ, "HARNESS_NO_PROGRESS": "1"}
+    # Ctrl-C in a terminal meets SIGINT's default disposition. A test run started in the
+    # background by a non-interactive shell inherits SIGINT *ignored*, and Python then never
+    # raises KeyboardInterrupt: restore the default in the child, as a terminal has it.
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+                            stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline, finished = time.time() + 240, None
     while time.time() < deadline and proc.poll() is None:
         time.sleep(0.5)
