@@ -101,6 +101,16 @@ def summarise(out: Path, studies: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def read_record(path: Path, use):
+    """`use(record)` of the JSON in `path`, a comparison.json; the folder's files are untrusted,
+    so a torn or foreign file is a clear refusal naming it, not a traceback."""
+    try:
+        return use(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"{path} is not a comparison record this script wrote ({e!r}); "
+                         f"move it away or give another --out") from None
+
+
 def load_record(out: Path, args) -> dict:
     """OUT/comparison.json, to extend: one seed and one budget per folder, or refuse.
 
@@ -111,16 +121,16 @@ def load_record(out: Path, args) -> dict:
     want = {"seed": args.seed, "trials": args.trials, "reproductions": args.reproductions}
     if not path.exists():
         return {**want, "batches": []}
-    try:
-        record = json.loads(path.read_text())
-        if "batches" not in record:  # written before batches: the record was one invocation
-            keys = ("methods", "jobs", "threads", "prepare_seconds", "studies_wall_seconds",
-                    "runs", "failed", "cpu_count")
-            record = {**{k: record[k] for k in want},
-                      "batches": [{k: record.get(k) for k in keys}]}
-    except (ValueError, KeyError, TypeError) as e:  # the folder's files are untrusted
-        raise SystemExit(f"{path} is not a comparison record this script wrote ({e!r}); "
-                         f"move it away or give another --out") from None
+
+    def with_batches(record: dict) -> dict:
+        if "batches" in record:
+            return record
+        # written before batches: the record was one invocation
+        keys = ("methods", "jobs", "threads", "prepare_seconds", "studies_wall_seconds", "runs",
+                "failed", "cpu_count")
+        return {**{k: record[k] for k in want}, "batches": [{k: record.get(k) for k in keys}]}
+
+    record = read_record(path, with_batches)
     have = {k: record.get(k) for k in want}
     if have != want:
         raise SystemExit(f"{path} holds a comparison with {have}, not {want}: give another "
@@ -268,17 +278,17 @@ def both_seeds_table(tables: list, common: list[str]) -> pd.DataFrame:
     """One row per method in both runs, ordered by the mean of the two seeds' concatenated test
     MAP@R: each seed's score (± the 95% half-width over its retrainings where recorded), rank,
     and final folds ended by early stopping; then the untrained floor of each seed."""
+    scores = [frame.loc[common, "concatenated_map_at_r"] for _, _, frame in tables]
+    # "min" ranks: ties share the better rank and stay whole numbers
+    ranks = [s.rank(ascending=False, method="min").astype(int) for s in scores]
     rows = []
     for study in common:
         row = {"method": method_name(study)}
-        for _, seed, frame in tables:
-            r = frame.loc[study]
-            ci = f" ± {r['ci95']:.4f}" if "ci95" in frame.columns else ""
-            rank = int(frame.loc[common, "concatenated_map_at_r"].rank(ascending=False)[study])
-            row[f"seed {seed}"] = f"{r['concatenated_map_at_r']:.4f}{ci}"
-            row[f"rank {seed}"] = rank
-        scores = [t[2].loc[study, "concatenated_map_at_r"] for t in tables]
-        row["mean"] = sum(scores) / len(scores)
+        for (_, seed, frame), score, rank in zip(tables, scores, ranks):
+            ci = f" ± {frame.loc[study, 'ci95']:.4f}" if "ci95" in frame.columns else ""
+            row[f"seed {seed}"] = f"{score[study]:.4f}{ci}"
+            row[f"rank {seed}"] = rank[study]
+        row["mean"] = sum(score[study] for score in scores) / len(scores)
         if all({"early_stopped", "final_folds"} <= set(t[2].columns) for t in tables):
             row["early-stopped final folds"] = " / ".join(
                 f"{int(t[2].loc[study, 'early_stopped'])}/{int(t[2].loc[study, 'final_folds'])}"
@@ -299,9 +309,9 @@ def both_seeds_table(tables: list, common: list[str]) -> pd.DataFrame:
 def command_spearman(args) -> int:
     tables = []
     for run in args.runs:
-        record = json.loads((Path(run) / "comparison.json").read_text())
-        frame = pd.DataFrame(record["table"]).set_index("study")
-        tables.append((run, record["seed"], frame))
+        seed, frame = read_record(Path(run) / "comparison.json", lambda record: (
+            record["seed"], pd.DataFrame(record["table"]).set_index("study")))
+        tables.append((run, seed, frame))
     common = sorted(set(tables[0][2].index) & set(tables[1][2].index))
     a, b = (t[2].loc[common, "concatenated_map_at_r"] for t in tables)
     agree = seed_agreement(a, b)

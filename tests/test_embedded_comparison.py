@@ -163,3 +163,15 @@ def test_both_seeds_table_orders_by_mean_and_ends_with_the_untrained_floor():
     assert c["mean"] == pytest.approx(0.355)
     assert table.iloc[2]["early-stopped final folds"] == "31/40 / 30/40"
     assert table.iloc[3]["seed 0"] == "0.2000"
+
+
+@pytest.mark.parametrize("text", ["{not json", '{"seed": 0}', None])  # None: no record at all
+def test_spearman_of_a_torn_or_missing_record_is_a_clear_refusal(tmp_path, text):
+    write_comparison(tmp_path / "s0", 0, {"a": 0.9, "b": 0.8})
+    (tmp_path / "s1").mkdir()
+    if text is not None:
+        (tmp_path / "s1" / "comparison.json").write_text(text)
+    with pytest.raises(SystemExit, match="s1/comparison.json is not a comparison record"):
+        driver().main(["spearman", str(tmp_path / "s0"), str(tmp_path / "s1"),
+                       "--out", str(tmp_path / "seeds.md")])
+    assert not (tmp_path / "seeds.md").exists()
