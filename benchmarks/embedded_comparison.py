@@ -13,10 +13,13 @@ wall time, share of final folds ended by early stopping, trained vs untrained te
 
 Running `run` again into the same folder with other `--methods` adds them: comparison.json keeps
 each invocation as a batch, and the table and the report cover every study of the folder that
-succeeded (same seed, trials and reproductions, or it refuses).
+succeeded. The studies of one folder must share the seed, trials and reproductions, and every
+setting but the method (config.json) and the trunk file (its sha256 in provenance.json): a new
+batch that would differ (a changed profile, a rebuilt trunk) is refused before any training.
 
 `spearman` ranks the methods of two runs by concatenated test MAP@R and writes the Spearman rank
-correlation with both tables (results/embedded/seeds.md by default).
+correlation with both tables (results/embedded/seeds.md by default); the two folders' studies
+must differ in the seed only (same settings and trunk file), or it refuses.
 """
 
 from __future__ import annotations
@@ -42,22 +45,91 @@ def all_methods() -> list[str]:
     return [loss_row(name).alias for name in loss_names()]
 
 
-def prepare_once() -> None:
-    """Render the glyphs and build the trunk before parallel studies would each wait on it."""
+def prepare_once() -> str:
+    """Render the glyphs and build the trunk before parallel studies would each wait on it;
+    the trunk file's sha256 (what every study of this invocation starts from)."""
     from harness.config import load_study
     from harness.data import prepare_data
     from harness.models import find_weights_file
+    from harness.provenance import file_sha256
 
     prepare_data(load_study("quickstart"))
-    find_weights_file("small_cnn")
+    return file_sha256(find_weights_file("small_cnn"))
+
+
+def study_argv(study: str, args, out: Path) -> list[str]:
+    """harness.run's arguments for one method's study: what runs it and what predicts its
+    config (one list, so the two cannot drift apart)."""
+    return ["--study", study, "--profile", "embedded", "--set", f"seed={args.seed}",
+            "--trials", str(args.trials), "--reproductions", str(args.reproductions),
+            "--output", str(out / study), "--device", args.device]
+
+
+# What may differ between the studies of one comparison: the method, and the names it gives.
+PER_METHOD_KEYS = ("name", "description", "loss")
+
+
+def flat(config: dict, prefix: str = "") -> dict:
+    """{'train.lr': 0.001, ...}: a nested config as dotted keys, to name what differs."""
+    items = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            items.update(flat(value, f"{prefix}{key}."))
+        else:
+            items[f"{prefix}{key}"] = value
+    return items
+
+
+def protocol(config: dict, trunk_sha256: str | None, also_ignore: tuple = ()) -> dict:
+    """A study's config without its method, plus the trunk file it started from: what every
+    study in one table (or, less the seed, in both seeds) must share."""
+    ignore = PER_METHOD_KEYS + also_ignore
+    kept = {k: v for k, v in flat(config).items() if k.split(".")[0] not in ignore}
+    return {**kept, "trunk sha256": trunk_sha256}
+
+
+def recorded_protocol(run_dir: Path, also_ignore: tuple = ()) -> dict:
+    """The protocol a finished study folder records: config.json, and the trunk hash of its
+    last invocation's provenance.json (None where it predates recording it). Both files are
+    untrusted: unreadable ones are a clear refusal."""
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+        invocations = json.loads((run_dir / "provenance.json").read_text())
+        trunk = (invocations[-1].get("trunk_weights") or {}).get("sha256")
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        raise SystemExit(f"{run_dir}: config.json/provenance.json unreadable ({e!r}); it cannot "
+                         f"be compared with the other studies") from None
+    return protocol(config, trunk, also_ignore)
+
+
+def differences(a: dict, b: dict) -> list[str]:
+    """'key: A vs B' for each key where two protocols differ; an unrecorded trunk hash (None,
+    studies run before it was recorded) is not a difference."""
+    keys = sorted(set(a) | set(b))
+    return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)
+            and not (k == "trunk sha256" and None in (a.get(k), b.get(k)))]
+
+
+def refuse_mixed_protocols(protocols: dict[str, dict], what: str) -> None:
+    """SystemExit naming two studies whose protocols differ, and how: a table (or a seed
+    comparison) of studies run under different schedules, budgets or trunks would rank unlike
+    runs, with exit 0. Every pair is compared (20 methods: 190 pairs), since an unrecorded trunk
+    hash matches any other and so does not make a study a reference for the rest."""
+    items = list(protocols.items())
+    for i, (name, other) in enumerate(items):
+        for first, reference in items[:i]:
+            diff = differences(reference, other)
+            if diff:
+                raise SystemExit(
+                    f"{what}: {name} and {first} were not run under the same protocol "
+                    f"({'; '.join(diff[:5])}{'; ...' if len(diff) > 5 else ''}); a table of "
+                    f"both would compare unlike runs. Give another --out, or rerun the odd one "
+                    f"with the same settings and trunk file.")
 
 
 def run_study(study: str, args, out: Path) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HARNESS_NO_PROGRESS": "1"}
-    cmd = [sys.executable, "-m", "harness.run", "--study", study, "--profile", "embedded",
-           "--set", f"seed={args.seed}", "--trials", str(args.trials),
-           "--reproductions", str(args.reproductions), "--output", str(out / study),
-           "--device", args.device]
+    cmd = [sys.executable, "-m", "harness.run", *study_argv(study, args, out)]
     start = time.perf_counter()
     with open(out / f"{study}.log", "a") as log:
         code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
@@ -138,6 +210,31 @@ def load_record(out: Path, args) -> dict:
     return record
 
 
+def succeeded_studies(out: Path, record: dict) -> list[str]:
+    """The folder's studies that some batch ran to the end, the oldest first."""
+    succeeded = [r["study"] for b in record["batches"] for r in b["runs"] if not r["exit"]]
+    return [s for s in dict.fromkeys(succeeded) if (out / s / "final" / "summary.json").exists()]
+
+
+def check_extends_alike(out: Path, record: dict, studies: list[str], args, trunk: str) -> None:
+    """Before any training: the studies this invocation will run share the folder's protocol
+    (the config less the method, and the trunk file), or refuse. Otherwise a changed profile
+    or a rebuilt trunk would slip into one table with the earlier batches' studies."""
+    from harness.errors import HarnessError
+    from harness.run import parse_args, resolve_config
+
+    protocols = {s: recorded_protocol(out / s) for s in succeeded_studies(out, record)}
+    for study in studies:
+        try:
+            # through JSON, as config.json was written: tuples become lists
+            config = json.loads(json.dumps(
+                resolve_config(parse_args(study_argv(study, args, out))).to_dict()))
+        except HarnessError as e:
+            raise SystemExit(f"{study}: {e}") from None
+        protocols[f"{study} (to run now)"] = protocol(config, trunk)
+    refuse_mixed_protocols(protocols, str(out))
+
+
 def command_run(args) -> int:
     from harness.run_folder import write_json_atomic
 
@@ -152,7 +249,8 @@ def command_run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     record = load_record(out, args)
     start = time.perf_counter()
-    prepare_once()
+    trunk = prepare_once()
+    check_extends_alike(out, record, studies, args, trunk)
     prepared = time.perf_counter()
     with ThreadPoolExecutor(args.jobs) as pool:
         runs = list(pool.map(lambda s: run_study(s, args, out), studies))
@@ -164,8 +262,7 @@ def command_run(args) -> int:
         "studies_wall_seconds": round(finished - prepared, 1), "runs": runs, "failed": failed,
         "cpu_count": os.cpu_count()})
     # the table: every study of this folder that has succeeded in some batch, the old first
-    succeeded = [r["study"] for b in record["batches"] for r in b["runs"] if not r["exit"]]
-    done = [s for s in dict.fromkeys(succeeded) if (out / s / "final" / "summary.json").exists()]
+    done = succeeded_studies(out, record)
     table = summarise(out, done) if done else pd.DataFrame()
     subprocess.call([sys.executable, "-m", "harness.report", *[str(out / s) for s in done],
                      "--out", str(out / "report")], cwd=REPO)
@@ -306,6 +403,15 @@ def both_seeds_table(tables: list, common: list[str]) -> pd.DataFrame:
     return table
 
 
+def check_seeds_alike(runs: list[Path], common: list[str]) -> None:
+    """Two seeds compare one protocol: each method's study in both folders, where its folder is
+    there, has the same config less method and seed, and the same trunk file."""
+    protocols = {f"{run / study}": recorded_protocol(run / study, also_ignore=("seed",))
+                 for study in common for run in runs if (run / study).is_dir()}
+    if protocols:
+        refuse_mixed_protocols(protocols, "spearman")
+
+
 def command_spearman(args) -> int:
     tables = []
     for run in args.runs:
@@ -313,6 +419,7 @@ def command_spearman(args) -> int:
             record["seed"], pd.DataFrame(record["table"]).set_index("study")))
         tables.append((run, seed, frame))
     common = sorted(set(tables[0][2].index) & set(tables[1][2].index))
+    check_seeds_alike([Path(run) for run in args.runs], common)
     a, b = (t[2].loc[common, "concatenated_map_at_r"] for t in tables)
     agree = seed_agreement(a, b)
     (_, seed_a, _), (_, seed_b, _) = tables

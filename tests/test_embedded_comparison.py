@@ -175,3 +175,90 @@ def test_spearman_of_a_torn_or_missing_record_is_a_clear_refusal(tmp_path, text)
         driver().main(["spearman", str(tmp_path / "s0"), str(tmp_path / "s1"),
                        "--out", str(tmp_path / "seeds.md")])
     assert not (tmp_path / "seeds.md").exists()
+
+
+TRUNK = "87728e69" * 8
+
+
+def planned_config(study: str, seed: int = 0, out=None) -> dict:
+    """The config `run` would give `study` (what harness.run writes as config.json)."""
+    from harness.run import parse_args, resolve_config
+
+    args = run_args(seed=seed)
+    args.device = "cpu"
+    argv = driver().study_argv(study, args, out or REPO)
+    return json.loads(json.dumps(resolve_config(parse_args(argv)).to_dict()))
+
+
+def write_finished_study(out, study: str, config: dict, trunk: str | None) -> None:
+    """A study folder as a finished run leaves it, as far as the protocol check reads it."""
+    (out / study / "final").mkdir(parents=True)
+    (out / study / "final" / "summary.json").write_text("{}")
+    (out / study / "config.json").write_text(json.dumps(config))
+    weights = {"trunk_weights": {"file": "t.pt", "sha256": trunk}} if trunk else {}
+    (out / study / "provenance.json").write_text(json.dumps([{"command": "x", **weights}]))
+
+
+def folder_with(tmp_path, config: dict, trunk: str | None):
+    write_finished_study(tmp_path, "proxy_anchor_glyphs", config, trunk)
+    (tmp_path / "comparison.json").write_text(json.dumps(
+        {"seed": 0, "trials": 10, "reproductions": 10, "batches": [
+            {"methods": ["proxy_anchor"], "runs": [
+                {"study": "proxy_anchor_glyphs", "exit": 0, "seconds": 1.0}]}]}))
+
+
+@pytest.mark.parametrize("change, trunk, refused", [
+    (None, TRUNK, None),
+    (None, None, None),  # a study from before trunk hashes were recorded: nothing to compare
+    (None, "0" * 64, "trunk sha256"),  # a rebuilt or other trunk file
+    (("train", "max_epochs", 80), TRUNK, "train.max_epochs: 80 vs 50"),  # the profile changed
+    (("search", "sampler", "tpe"), TRUNK, "search.sampler: 'tpe' vs 'gp'"),
+])
+def test_adding_methods_under_another_protocol_is_refused_before_training(
+        tmp_path, monkeypatch, change, trunk, refused):
+    config = planned_config("proxy_anchor_glyphs", out=tmp_path)
+    if change:
+        section, key, value = change
+        config[section][key] = value
+    folder_with(tmp_path, config, trunk)
+    module = driver()
+    if not refused:
+        args = run_args()
+        args.device = "cpu"
+        record = module.load_record(tmp_path, args)
+        module.check_extends_alike(tmp_path, record, ["cosface_glyphs"], args, TRUNK)
+        return
+    monkeypatch.setattr(module, "prepare_once", lambda: TRUNK)
+    trained = []
+    monkeypatch.setattr(module, "run_study", lambda s, a, o: trained.append(s))
+    with pytest.raises(SystemExit, match=f"cosface_glyphs .*proxy_anchor_glyphs.*{refused}"):
+        module.main(["run", "--methods", "cosface", "--out", str(tmp_path)])
+    assert trained == []
+    assert len(json.loads((tmp_path / "comparison.json").read_text())["batches"]) == 1
+
+
+def test_a_protocol_with_every_pair_compared_catches_a_trunk_after_an_unrecorded_one():
+    protocols = {"old": {"a": 1, "trunk sha256": None}, "mid": {"a": 1, "trunk sha256": "x"},
+                 "new": {"a": 1, "trunk sha256": "y"}}
+    with pytest.raises(SystemExit, match="new and mid .*trunk sha256: 'x' vs 'y'"):
+        driver().refuse_mixed_protocols(protocols, "here")
+    driver().refuse_mixed_protocols({k: protocols[k] for k in ("old", "mid")}, "here")
+
+
+def test_spearman_refuses_seeds_run_under_different_protocols(tmp_path):
+    for seed, epochs in ((0, 50), (1, 80)):
+        run = tmp_path / f"s{seed}"
+        write_comparison(run, seed, {"cosface_glyphs": 0.5, "proxy_anchor_glyphs": 0.4})
+        for study in ("cosface_glyphs", "proxy_anchor_glyphs"):
+            config = planned_config(study, seed=seed)
+            config["train"]["max_epochs"] = epochs if study == "cosface_glyphs" else 50
+            write_finished_study(run, study, config, TRUNK)
+    argv = ["spearman", str(tmp_path / "s0"), str(tmp_path / "s1"),
+            "--out", str(tmp_path / "seeds.md")]
+    with pytest.raises(SystemExit, match="spearman: .*s1/cosface_glyphs.*max_epochs: 50 vs 80"):
+        driver().main(argv)
+    assert not (tmp_path / "seeds.md").exists()
+    config = json.loads((tmp_path / "s1" / "cosface_glyphs" / "config.json").read_text())
+    config["train"]["max_epochs"] = 50  # the seeds now differ in the seed only: compared
+    (tmp_path / "s1" / "cosface_glyphs" / "config.json").write_text(json.dumps(config))
+    assert driver().main(argv) == 0
