@@ -262,3 +262,16 @@ def test_spearman_refuses_seeds_run_under_different_protocols(tmp_path):
     config["train"]["max_epochs"] = 50  # the seeds now differ in the seed only: compared
     (tmp_path / "s1" / "cosface_glyphs" / "config.json").write_text(json.dumps(config))
     assert driver().main(argv) == 0
+
+
+@pytest.mark.parametrize("damaged", ["config.json", "provenance.json"])
+def test_a_damaged_study_folder_is_a_clear_refusal_before_training(tmp_path, damaged):
+    folder_with(tmp_path, planned_config("proxy_anchor_glyphs", out=tmp_path), TRUNK)
+    (tmp_path / "proxy_anchor_glyphs" / damaged).write_text("{torn")
+    args = run_args()
+    args.device = "cpu"
+    record = driver().load_record(tmp_path, args)
+    with pytest.raises(SystemExit, match="proxy_anchor_glyphs: config.json/provenance.json "
+                                         "unreadable"):
+        driver().check_extends_alike(tmp_path, record, ["cosface_glyphs"], args, TRUNK)
+    assert (tmp_path / "proxy_anchor_glyphs" / damaged).read_text() == "{torn"
