@@ -93,6 +93,9 @@ class TrainConfig:
     warmup_epochs: int = 0  # epochs with the trunk frozen: only embedder and loss params train
     grad_clip: float = 0.0  # clip gradient values of model params (0 = off); proxies never clipped
     amp: bool = False  # MLRC trains in float32; True = bf16 autocast on CUDA (opt-in)
+    # MLRC trains in float32; True = TF32 (10-bit mantissa) matmuls and convolutions on CUDA
+    # (Ampere and newer), which PyTorch would otherwise allow for convolutions (opt-in)
+    tf32: bool = False
     channels_last: bool = False  # memory format on CUDA (opt-in; slower at batch 32, measured)
     eval_batch_size: int = 128
     device: str = "auto"  # auto = cuda when available, else cpu

@@ -44,10 +44,11 @@ from harness.run_folder import (claim_fold_dir, fingerprint, fold_dir_owned_by, 
                                 read_json, write_json_atomic)
 from harness.storage import file_lock
 from harness.seeds import reproduction_fold_seed, trial_fold_seed
-from harness.train import load_best_model, train_fold
+from harness.train import load_best_model, train_fold, use_float32_precision
 
 
 def embed_test_set(cfg: StudyConfig, model, data: PreparedData, device) -> dict[str, np.ndarray]:
+    use_float32_precision(cfg)
     query_idx, gallery_idx = query_gallery_indices(data.records, data.split)
     out = {}
     for name, idx in (("query", query_idx), ("gallery", gallery_idx)):

@@ -20,8 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from harness import config as config_mod
 from harness.config import StudyConfig, load_study
 from harness.errors import ConfigError, HarnessError
@@ -262,5 +260,4 @@ def _print_summary(cfg: StudyConfig, table, untrained: dict) -> None:
 
 
 if __name__ == "__main__":
-    torch.set_float32_matmul_precision("high")
     sys.exit(main())

@@ -83,10 +83,12 @@ def check_same_study(output: Path, cfg: StudyConfig) -> None:
             for key, value in values.items():
                 if (section, key) in RESUMABLE_KEYS:
                     continue
-                before = old.get(section, {}).get(key) if isinstance(old.get(section), dict) \
-                    else None
-                if before != value:
-                    diffs.append(f"{section}.{key}: {before!r} -> {value!r}")
+                kept = old.get(section) if isinstance(old.get(section), dict) else {}
+                if key not in kept:  # a setting added since: the old run did not choose it
+                    diffs.append(f"{section}.{key}: absent (written by an older harness) -> "
+                                 f"{value!r}")
+                elif kept[key] != value:
+                    diffs.append(f"{section}.{key}: {kept[key]!r} -> {value!r}")
         elif old.get(section) != values:
             diffs.append(f"{section}: {old.get(section)!r} -> {values!r}")
     if diffs:

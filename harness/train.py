@@ -108,9 +108,20 @@ def build_fold_modules(cfg: StudyConfig, num_classes: int, device: torch.device)
     return model, loss_fn, model_opt, loss_opt
 
 
+def use_float32_precision(cfg: StudyConfig) -> None:
+    """Float32 means float32 on CUDA too (PROTOCOL.md: "Float32 throughout"), unless
+    `train.tf32` opts in: PyTorch lets cuDNN compute float32 convolutions in TF32 by default,
+    and TF32 moved results on an H100 (SoftTriple trials diverged there and not on the CPU with
+    the same seed and parameters; docs/embedded.md). Process-wide flags, so every entry point
+    that trains or embeds sets them from its config."""
+    torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
+    torch.backends.cudnn.allow_tf32 = cfg.train.tf32
+
+
 def validate(cfg: StudyConfig, model, data: PreparedData, indices: np.ndarray,
              device: torch.device) -> dict:
     """MAP@R etc. on the fold's validation classes (self-retrieval)."""
+    use_float32_precision(cfg)
     loader = eval_loader(cfg, data, indices, device)
     emb, labels = compute_embeddings(model, loader, device, amp=_amp_enabled(cfg, device),
                                      desc="validate",
@@ -191,6 +202,7 @@ def train_fold(cfg: StudyConfig, data: PreparedData, fold: Fold, device: torch.d
                seed: int, run_dir: Path, report: ReportFn | None = None,
                desc: str = "") -> FoldResult:
     run_dir.mkdir(parents=True, exist_ok=True)
+    use_float32_precision(cfg)
     train_idx, val_idx = fold_indices(data, fold)
     classes = np.asarray(sorted(fold.train_classes))
     seed_everything(seed, 0)

@@ -43,6 +43,7 @@ QUICKSTART_CHANGES = {**EMBEDDED_PROFILE_CHANGES, "train.lr": 5e-4, "train.max_e
 def changed(config: dict, changes: dict) -> dict:
     config = json.loads(json.dumps(config))
     config.setdefault("data", {}).setdefault("random_crop", True)  # a field added since
+    config.setdefault("train", {}).setdefault("tf32", False)  # added since, off (float32)
     for key, value in changes.items():
         section, field = key.split(".")
         config[section][field] = value

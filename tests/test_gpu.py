@@ -14,7 +14,7 @@ import torch
 from harness.config import load_study
 from harness.data import fold_indices, prepare_data
 from harness.metrics import retrieval_metrics
-from harness.train import train_fold
+from harness.train import train_fold, use_float32_precision
 from losses.registry import LOSSES, build_loss
 
 pytestmark = [pytest.mark.gpu,
@@ -28,6 +28,20 @@ def clustered(n_classes=300, per_class=5, dim=64, seed=0):
     centres = torch.randn(n_classes, dim, generator=g)
     labels = torch.arange(n_classes).repeat_interleave(per_class)
     return centres[labels] + 0.8 * torch.randn(len(labels), dim, generator=g), labels
+
+
+def test_float32_matmul_and_convolution_are_float32_by_default():
+    """TF32 (10-bit mantissa) errs ~1e-2 here on Ampere and newer; float32 ~1e-5."""
+    use_float32_precision(load_study("quickstart"))
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(64, 256, generator=g), torch.randn(256, 256, generator=g)
+    exact = x.double() @ w.double()
+    assert ((x.to(CUDA) @ w.to(CUDA)).cpu().double() - exact).abs().max() < 1e-3
+    images, kernels = torch.randn(8, 64, 16, 16, generator=g), torch.randn(32, 64, 3, 3,
+                                                                            generator=g)
+    exact = torch.nn.functional.conv2d(images.double(), kernels.double())
+    conv = torch.nn.functional.conv2d(images.to(CUDA), kernels.to(CUDA)).cpu().double()
+    assert (conv - exact).abs().max() < 1e-3
 
 
 def test_retrieval_metrics_on_gpu_equal_cpu():

@@ -367,6 +367,53 @@ def test_nan_embeddings_at_validation_are_a_diverged_fold(tmp_path, glyph_root, 
     assert result.stop_reason == "diverged" and result.checkpoint == ""
 
 
+@pytest.mark.parametrize("tf32", [False, True])
+def test_float32_stays_float32_on_cuda_unless_tf32_is_asked_for(tmp_path, glyph_root, tf32):
+    """PROTOCOL.md: MLRC trains in float32 throughout. PyTorch lets cuDNN use TF32 for float32
+    convolutions by default (and the harness once asked for TF32 matmuls in harness.run alone,
+    so workers differed): training, validation and the test embedding must each set both flags
+    from the config, whatever the process had before. The flags are process-wide and settable
+    without a GPU, so this runs on the CPU."""
+    import torch
+
+    from harness.data import fold_indices, prepare_data
+    from harness.final import embed_test_set
+    from harness.train import load_best_model, train_fold, validate
+
+    cfg = load_study(str(write_study(tmp_path, glyph_root)),
+                     overrides=[f"train.tf32={'true' if tf32 else 'false'}"])
+    data = prepare_data(cfg)
+    cpu, fold = torch.device("cpu"), data.split.folds[0]
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = (matmul.allow_tf32, cudnn.allow_tf32)
+
+    def flip_then(step):
+        matmul.allow_tf32 = cudnn.allow_tf32 = not tf32
+        out = step()
+        assert (matmul.allow_tf32, cudnn.allow_tf32) == (tf32, tf32)
+        return out
+
+    try:
+        result = flip_then(lambda: train_fold(cfg, data, fold, cpu, seed=1,
+                                              run_dir=tmp_path / "fold"))
+        model = load_best_model(cfg, result.checkpoint, cpu)
+        flip_then(lambda: validate(cfg, model, data, fold_indices(data, fold)[1], cpu))
+        flip_then(lambda: embed_test_set(cfg, model, data, cpu))
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = before
+
+
+def test_tf32_is_off_by_default_in_every_study():
+    """The opt-in stays an opt-in: no cell, recipe, profile or study file turns it on."""
+    from harness.benchmark import cell_name, cells
+
+    for cell in cells():
+        assert load_study(cell_name(cell)).train.tf32 is False, cell_name(cell)
+        assert load_study(cell_name(cell), profile="embedded").train.tf32 is False
+    for path in (Path(__file__).resolve().parents[1] / "studies").glob("*.toml"):
+        assert load_study(path.stem).train.tf32 is False, path
+
+
 def test_a_fold_stopped_by_its_caller_is_never_resumed(tmp_path, glyph_root):
     """A pruned fold (the callback raises) keeps its history but leaves no last.pt; the callback
     sees training iterations, the unit of the pruner's steps."""

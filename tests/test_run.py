@@ -142,6 +142,25 @@ def test_output_folder_refuses_a_different_configuration(tmp_path, glyph_root, c
     assert "different configuration" in capsys.readouterr().err
 
 
+def test_a_folder_from_before_a_setting_existed_is_not_resumed_under_it(tmp_path):
+    """train.tf32 came later, and GPU runs before it used TF32 matmuls: a config.json without
+    the key is not the same study (mixing precisions in one search would go unseen), and the
+    refusal says why, rather than 'None -> False'."""
+    from harness.config import load_study
+    from harness.errors import ConfigError
+    from harness.run_folder import check_same_study
+
+    cfg = load_study("quickstart")
+    old = cfg.to_dict()
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    check_same_study(tmp_path, cfg)  # the same config: resumable
+    del old["train"]["tf32"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    with pytest.raises(ConfigError, match=r"train\.tf32: absent \(written by an older "
+                                          r"harness\) -> False"):
+        check_same_study(tmp_path, cfg)
+
+
 def test_list_shows_the_studies(capsys):
     assert main(["--list"]) == 0
     assert "quickstart" in capsys.readouterr().out
