@@ -103,10 +103,15 @@ def recorded_protocol(run_dir: Path, also_ignore: tuple = ()) -> dict:
 
 
 def differences(a: dict, b: dict) -> list[str]:
-    """'key: A vs B' for each key where two protocols differ; an unrecorded trunk hash (None,
+    """'key: A vs B' for each key where two protocols differ, a setting that one study's
+    config lacks (written by an older harness) included; an unrecorded trunk hash (None,
     studies run before it was recorded) is not a difference."""
+    def shown(protocol: dict, key: str) -> str:
+        return repr(protocol[key]) if key in protocol else "absent (an older harness)"
+
     keys = sorted(set(a) | set(b))
-    return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)
+    return [f"{k}: {shown(a, k)} vs {shown(b, k)}" for k in keys
+            if ((k in a) != (k in b) or a.get(k) != b.get(k))
             and not (k == "trunk sha256" and None in (a.get(k), b.get(k)))]
 
 

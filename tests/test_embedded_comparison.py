@@ -245,6 +245,17 @@ def test_a_protocol_with_every_pair_compared_catches_a_trunk_after_an_unrecorded
     driver().refuse_mixed_protocols({k: protocols[k] for k in ("old", "mid")}, "here")
 
 
+def test_a_setting_one_study_lacks_is_a_difference_that_says_so():
+    """train.tf32 came after some folders were written: a study without it is not the same
+    protocol as one with it set (None must not pass for a value that was never chosen)."""
+    old, new = {"a": 1, "trunk sha256": "x"}, {"a": 1, "train.tf32": False, "trunk sha256": "x"}
+    with pytest.raises(SystemExit, match=r"train\.tf32: absent \(an older harness\) vs False"):
+        driver().refuse_mixed_protocols({"old": old, "new": new}, "here")
+    unset = {"a": 1, "train.x": None, "trunk sha256": "x"}
+    assert driver().differences({"a": 1, "trunk sha256": "x"}, unset) == [
+        "train.x: absent (an older harness) vs None"]
+
+
 def test_spearman_refuses_seeds_run_under_different_protocols(tmp_path):
     for seed, epochs in ((0, 50), (1, 80)):
         run = tmp_path / f"s{seed}"
