@@ -338,6 +338,23 @@ def test_recommended_workers_per_gpu():
     assert bench.recommend_workers_per_gpu({1: 1.0, 2: 1.3, 4: 1.8, 8: 1.85}) == 4
 
 
+def test_bench_times_the_precision_the_harness_trains_in():
+    """harness.bench's float32 rows are float32 on CUDA too (train.tf32 off), as training is:
+    it used to time PyTorch's default, TF32 convolutions."""
+    args = argparse.Namespace(trunk="small_cnn", crop=32, resize=36, workers=0, batch=16,
+                              iters=1, warmup=1)
+    cfg = bench.bench_config(torch.device("cpu"), args)
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = (matmul.allow_tf32, cudnn.allow_tf32)
+    try:
+        matmul.allow_tf32 = cudnn.allow_tf32 = True
+        assert bench.ceiling_images_per_s(cfg, torch.device("cpu"), 1, 1, 20, amp=False,
+                                          channels_last=False) > 0
+        assert (matmul.allow_tf32, cudnn.allow_tf32) == (False, False)
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = before
+
+
 @pytest.mark.slow
 def test_bench_times_k_concurrent_workers(capsys):
     """The mechanism on CPU: K worker processes train at once, their img/s are summed."""
