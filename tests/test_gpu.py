@@ -30,18 +30,16 @@ def clustered(n_classes=300, per_class=5, dim=64, seed=0):
     return centres[labels] + 0.8 * torch.randn(len(labels), dim, generator=g), labels
 
 
-def test_float32_matmul_and_convolution_are_float32_by_default():
-    """TF32 (10-bit mantissa) errs ~1e-2 here on Ampere and newer; float32 ~1e-5."""
+def test_float32_matmul_is_float32_by_default():
+    """TF32 (10-bit mantissa) errs ~1e-2 here on Ampere and newer, float32 ~1e-4. (The cuDNN
+    flag, whose numerics depend on the algorithm cuDNN picks, is checked on the CPU:
+    tests/test_protocol_faults.py.)"""
     use_float32_precision(load_study("quickstart"))
     g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(64, 256, generator=g), torch.randn(256, 256, generator=g)
+    x, w = torch.randn(64, 1024, generator=g), torch.randn(1024, 256, generator=g)
     exact = x.double() @ w.double()
-    assert ((x.to(CUDA) @ w.to(CUDA)).cpu().double() - exact).abs().max() < 1e-3
-    images, kernels = torch.randn(8, 64, 16, 16, generator=g), torch.randn(32, 64, 3, 3,
-                                                                            generator=g)
-    exact = torch.nn.functional.conv2d(images.double(), kernels.double())
-    conv = torch.nn.functional.conv2d(images.to(CUDA), kernels.to(CUDA)).cpu().double()
-    assert (conv - exact).abs().max() < 1e-3
+    assert ((x.to(CUDA) @ w.to(CUDA)).cpu().double() - exact).abs().max() < 2e-3
+    assert not torch.backends.cudnn.allow_tf32
 
 
 def test_retrieval_metrics_on_gpu_equal_cpu():
