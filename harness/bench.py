@@ -48,7 +48,7 @@ from harness.datasets.base import Records
 from harness.image_cache import build_or_open
 from harness.metrics import retrieval_metrics
 from harness.splits import make_split
-from harness.train import build_fold_modules, training_step, use_float32_precision
+from harness.train import build_fold_modules, training_step
 from harness.workers import cpu_count
 
 
@@ -93,7 +93,6 @@ def _sync(device: torch.device) -> None:
 
 def real_images_per_s(cfg: StudyConfig, data: PreparedData, device, warmup: int,
                       iters: int) -> float:
-    use_float32_precision(cfg)  # time the precision the harness trains in
     indices = np.arange(len(data.records))
     classes = np.unique(data.records.labels)
     model, loss_fn, model_opt, loss_opt = build_fold_modules(cfg, len(classes), device)
@@ -116,7 +115,6 @@ def real_images_per_s(cfg: StudyConfig, data: PreparedData, device, warmup: int,
 
 def ceiling_images_per_s(cfg: StudyConfig, device, warmup: int, iters: int,
                          num_classes: int, amp: bool, channels_last: bool) -> float:
-    use_float32_precision(cfg)  # time the precision the harness trains in
     model, loss_fn, model_opt, loss_opt = build_fold_modules(cfg, num_classes, device)
     if not channels_last:
         model = model.to(memory_format=torch.contiguous_format)
@@ -141,7 +139,6 @@ def _concurrent_worker(trunk: str, args: dict, device: str, threads: int, warmup
         torch.set_num_threads(threads)
         dev = torch.device(device)
         cfg = bench_config(dev, argparse.Namespace(**{**args, "trunk": trunk}))
-        use_float32_precision(cfg)  # time the precision the harness trains in
         amp = dev.type == "cuda"
         model, loss_fn, model_opt, loss_opt = build_fold_modules(cfg, num_classes, dev)
         b, m = cfg.train.batch_size, cfg.train.m_per_class

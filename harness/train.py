@@ -86,8 +86,20 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float, momentum: 
                             adam_eps=adam_eps)
 
 
+def use_float32_precision(cfg: StudyConfig) -> None:
+    """Float32 means float32 on CUDA too (PROTOCOL.md: "Float32 throughout"), unless
+    `train.tf32` opts in: PyTorch lets cuDNN compute float32 convolutions in TF32 by default.
+    With TF32 on, three SoftTriple trials diverged on an H100 and not on the CPU with the same
+    seed and parameters (TF32 the likely cause; docs/embedded.md). Process-wide flags, so what
+    trains (build_fold_modules) and what embeds set them from its config."""
+    torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
+    torch.backends.cudnn.allow_tf32 = cfg.train.tf32
+
+
 def build_fold_modules(cfg: StudyConfig, num_classes: int, device: torch.device):
-    """Model, loss and their optimizers for one fold."""
+    """Model, loss and their optimizers for one fold, at the configured float32 precision
+    (what trains with them, and what times their steps, computes as configured)."""
+    use_float32_precision(cfg)
     m = cfg.model
     model = build_model(m).to(device)
     if device.type == "cuda" and cfg.train.channels_last:
@@ -106,16 +118,6 @@ def build_fold_modules(cfg: StudyConfig, num_classes: int, device: torch.device)
         loss_opt = make_optimizer(t.loss_optimizer, loss_params, t.loss_lr,
                                   t.loss_weight_decay, t.momentum, t.adam_eps)
     return model, loss_fn, model_opt, loss_opt
-
-
-def use_float32_precision(cfg: StudyConfig) -> None:
-    """Float32 means float32 on CUDA too (PROTOCOL.md: "Float32 throughout"), unless
-    `train.tf32` opts in: PyTorch lets cuDNN compute float32 convolutions in TF32 by default,
-    and TF32 moved results on an H100 (SoftTriple trials diverged there and not on the CPU with
-    the same seed and parameters; docs/embedded.md). Process-wide flags, so every entry point
-    that trains or embeds sets them from its config."""
-    torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
-    torch.backends.cudnn.allow_tf32 = cfg.train.tf32
 
 
 def validate(cfg: StudyConfig, model, data: PreparedData, indices: np.ndarray,
@@ -202,7 +204,6 @@ def train_fold(cfg: StudyConfig, data: PreparedData, fold: Fold, device: torch.d
                seed: int, run_dir: Path, report: ReportFn | None = None,
                desc: str = "") -> FoldResult:
     run_dir.mkdir(parents=True, exist_ok=True)
-    use_float32_precision(cfg)
     train_idx, val_idx = fold_indices(data, fold)
     classes = np.asarray(sorted(fold.train_classes))
     seed_everything(seed, 0)
