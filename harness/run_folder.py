@@ -92,9 +92,11 @@ def check_same_study(output: Path, cfg: StudyConfig) -> None:
         elif old.get(section) != values:
             diffs.append(f"{section}: {old.get(section)!r} -> {values!r}")
     if diffs:
+        older = any("absent (written by an older harness)" in d for d in diffs)
+        how = ("Finish it with the harness version that wrote it (its provenance.json names "
+               "the commit)" if older else "Resume it with the same settings")
         raise ConfigError(f"{output} holds a run of a different configuration "
-                          f"({'; '.join(diffs)}). Resume it with the same settings, or choose "
-                          f"another --output.")
+                          f"({'; '.join(diffs)}). {how}, or choose another --output.")
 
 
 def check_study_database(storage_path: Path | None, output: Path) -> None:

@@ -157,7 +157,8 @@ def test_a_folder_from_before_a_setting_existed_is_not_resumed_under_it(tmp_path
     del old["train"]["tf32"]
     (tmp_path / "config.json").write_text(json.dumps(old))
     with pytest.raises(ConfigError, match=r"train\.tf32: absent \(written by an older "
-                                          r"harness\) -> False"):
+                                          r"harness\) -> False\)\. Finish it with the harness "
+                                          r"version that wrote it"):
         check_same_study(tmp_path, cfg)
 
 
