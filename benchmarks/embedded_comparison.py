@@ -1,6 +1,6 @@
 """The embedded comparison: every method, the full protocol, on the glyphs; and its seed check.
 
-    python benchmarks/embedded_comparison.py run --seed 0 [--methods a,b,...] [--jobs 2]
+    python benchmarks/embedded_comparison.py run --seed 0 [--methods a,b,...] [--jobs 2] [--out DIR]
     python benchmarks/embedded_comparison.py spearman results/embedded/seed_0 \
         results/embedded/seed_1
 
@@ -18,8 +18,8 @@ setting but the method (config.json) and the trunk file (its sha256 in provenanc
 batch that would differ (a changed profile, a rebuilt trunk) is refused before any training.
 
 `spearman` ranks the methods of two runs by concatenated test MAP@R and writes the Spearman rank
-correlation with both tables (results/embedded/seeds.md by default); the two folders' studies
-must differ in the seed only (same settings and trunk file), or it refuses.
+correlation with both tables (by default seeds.md in the first run's parent folder); the two
+folders' studies must differ in the seed only (same settings and trunk file), or it refuses.
 """
 
 from __future__ import annotations
@@ -250,7 +250,7 @@ def command_run(args) -> int:
         raise SystemExit(f"unknown method(s) {', '.join(unknown)}; registered: "
                          f"{', '.join(registered)}")
     studies = [f"{m}_glyphs" for m in methods]
-    out = Path(args.out or REPO / "results" / "embedded" / f"seed_{args.seed}")
+    out = Path(args.out or REPO / "runs" / "embedded" / f"seed_{args.seed}")
     out.mkdir(parents=True, exist_ok=True)
     record = load_record(out, args)
     start = time.perf_counter()
@@ -447,7 +447,8 @@ def command_spearman(args) -> int:
     if all(t.exists() for t in tests):
         lines += significance_agreement(*(pd.read_csv(t) for t in tests), seed_a, seed_b)
     text = "\n".join(lines)
-    Path(args.out).write_text(text)
+    out = Path(args.out) if args.out else Path(args.runs[0]).parent / "seeds.md"
+    out.write_text(text)
     print(text)
     return 0
 
@@ -465,10 +466,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--trials", type=int, default=10)
     run.add_argument("--reproductions", type=int, default=10)
     run.add_argument("--device", default="cpu")
-    run.add_argument("--out", default="", help="default results/embedded/seed_<seed>")
+    run.add_argument("--out", default="", help="default runs/embedded/seed_<seed> (the "
+                     "committed comparison, results/embedded/, was written with --out)")
     spearman = sub.add_parser("spearman", help="rank agreement of two runs")
     spearman.add_argument("runs", nargs=2)
-    spearman.add_argument("--out", default=str(REPO / "results" / "embedded" / "seeds.md"))
+    spearman.add_argument("--out", default="",
+                          help="default: seeds.md beside the first run's folder")
     args = p.parse_args(argv)
     return command_run(args) if args.command == "run" else command_spearman(args)
 

@@ -460,16 +460,16 @@ def _fix_explicit_search_keys(cfg: StudyConfig, explicit: set[str]) -> None:
 # --------------------------------------------------------------------------------------------
 # Validation: names and value ranges
 # --------------------------------------------------------------------------------------------
-# A study name becomes a folder (results/NAME) and the Optuna study name: no path separators,
+# A study name becomes a folder (runs/NAME) and the Optuna study name: no path separators,
 # no "..", nothing a shell or a file system could misread.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
 
 def check_study_name(name: str) -> None:
-    """ConfigError unless `name` is safe as a folder name (run folders are results/NAME)."""
+    """ConfigError unless `name` is safe as a folder name (run folders are runs/NAME)."""
     if not NAME_PATTERN.fullmatch(name) or ".." in name:
         raise ConfigError(
-            f"study name {name!r} is not allowed: it names the run folder (results/NAME), so it "
+            f"study name {name!r} is not allowed: it names the run folder (runs/NAME), so it "
             f"must start with a letter or digit and hold only letters, digits, '_', '.' and "
             f"'-' (at most 100 characters, no '..'). Rename the study file, or set "
             f"name = \"...\" in it, or pass --set name=NEW_NAME")

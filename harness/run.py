@@ -27,7 +27,9 @@ from harness.provenance import provenance
 from harness.run_folder import (RESUMABLE_KEYS, check_output_dir, write_json_atomic,  # noqa: F401 (re-exported)
                                 check_same_study, check_study_database)
 
-RESULTS_DIR = config_mod.STUDIES_DIR.parent / "results"
+# Run folders go under runs/ (git-ignored) unless --output says otherwise; results/ holds the
+# committed reference runs, each written there with an explicit --output (results/README.md).
+RUNS_DIR = config_mod.STUDIES_DIR.parent / "runs"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m harness.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,8 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", help="apply studies/profiles/NAME.toml over the study "
                                      "(e.g. 'embedded': the study on the glyph data, small budget)")
     p.add_argument("--data-root", help="folder holding the data set (see README: layouts)")
-    p.add_argument("--output", help="run folder (default results/STUDY, or "
-                                    "results/PROFILE/STUDY with --profile)")
+    p.add_argument("--output", help="run folder (default runs/STUDY, or "
+                                    "runs/PROFILE/STUDY with --profile)")
     p.add_argument("--storage", help="Optuna storage URL (default sqlite:///OUTPUT/study.db); "
                                      "any SQLAlchemy URL, e.g. postgresql://user@host/db")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the study's)")
@@ -88,8 +90,8 @@ def output_dir(args: argparse.Namespace, cfg: StudyConfig) -> Path:
     if args.output:
         return Path(args.output)
     if args.profile:
-        return RESULTS_DIR / Path(args.profile).stem / cfg.name
-    return RESULTS_DIR / cfg.name
+        return RUNS_DIR / Path(args.profile).stem / cfg.name
+    return RUNS_DIR / cfg.name
 
 
 def main(argv: list[str] | None = None) -> int:

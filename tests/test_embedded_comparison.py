@@ -41,6 +41,15 @@ def test_spearman_of_two_seeds(tmp_path, second, rho):
     assert f"same order in both seeds: {same} of 6" in text
 
 
+def test_spearman_writes_beside_the_first_run_by_default(tmp_path):
+    """Without --out, seeds.md lands next to the seed folders (results/embedded/seeds.md for
+    the committed comparison), not in a fixed place of the repository."""
+    write_comparison(tmp_path / "s0", 0, {"a": 0.9, "b": 0.8, "c": 0.7})
+    write_comparison(tmp_path / "s1", 1, {"a": 0.9, "b": 0.7, "c": 0.8})
+    assert driver().main(["spearman", str(tmp_path / "s0"), str(tmp_path / "s1")]) == 0
+    assert "**0.500**" in (tmp_path / "seeds.md").read_text()
+
+
 def test_seed_agreement_counts_pairs_and_gaps():
     a = pd.Series({"x": 0.5, "y": 0.4, "z": 0.3})
     b = pd.Series({"x": 0.3, "y": 0.45, "z": 0.2})  # x-y swapped; x-z and y-z kept

@@ -36,7 +36,7 @@ def two_methods(tmp_path):
     results = tmp_path / "results"
     make_run(results, "method_a", sep=A_SEP, conc=A_CONC, untrained=0.5)
     make_run(results, "method_b", loss="proxy_nca_pp", sep=B_SEP, conc=B_CONC, p_at_1=B_P1)
-    report = build_report(None, out=tmp_path / "out", results_dir=results, plots=False,
+    report = build_report(None, out=tmp_path / "out", runs_dir=results, plots=False,
                           command="pytest")
     return report
 
@@ -286,10 +286,10 @@ def test_plots_and_index(tmp_path):
 
 def test_errors(tmp_path, capsys):
     with pytest.raises(ReportError, match="no run folders found"):
-        find_run_dirs(None, results_dir=tmp_path / "missing")
+        find_run_dirs(None, runs_dir=tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ReportError, match="no run folders found"):
-        build_report(None, out=tmp_path / "out", results_dir=tmp_path / "empty")
+        build_report(None, out=tmp_path / "out", runs_dir=tmp_path / "empty")
     unfinished = tmp_path / "results" / "unfinished"
     unfinished.mkdir(parents=True)
     (unfinished / "config.json").write_text(json.dumps({"name": "unfinished"}))
@@ -299,7 +299,7 @@ def test_errors(tmp_path, capsys):
         find_run_dirs([tmp_path / "nope"])
     # In a recursive scan the unfinished run is skipped with a warning.
     make_run(tmp_path / "results", "done", sep=A_SEP, conc=A_CONC)
-    found, notes = find_run_dirs(None, results_dir=tmp_path / "results")
+    found, notes = find_run_dirs(None, runs_dir=tmp_path / "results")
     assert [p.name for p in found] == ["done"]
     assert len(notes) == 1 and "unfinished" in notes[0]
     # The CLI prints the error and returns 2, without a traceback.
@@ -326,9 +326,9 @@ def test_previous_output_replaced(tmp_path):
 def test_report_folder_is_not_scanned(tmp_path):
     results = tmp_path / "results"
     make_run(results, "a", sep=A_SEP, conc=A_CONC)
-    build_report(None, out=results / "report", results_dir=results, plots=False)
+    build_report(None, out=results / "report", runs_dir=results, plots=False)
     make_run(results / "report", "stray", sep=A_SEP, conc=A_CONC)  # inside the output folder
-    found, _ = find_run_dirs(None, results_dir=results, exclude=results / "report")
+    found, _ = find_run_dirs(None, runs_dir=results, exclude=results / "report")
     assert [p.name for p in found] == ["a"]
 
 
@@ -344,7 +344,7 @@ def test_report_on_a_real_tiny_run(tmp_path, monkeypatch):
     run = tmp_path / "results" / "tiny"
     assert run_main(["--study", str(study), "--output", str(run), "--device", "cpu",
                      "--reproductions", "2"]) == 0
-    report = build_report(None, out=tmp_path / "report", results_dir=tmp_path / "results")
+    report = build_report(None, out=tmp_path / "report", runs_dir=tmp_path / "results")
     t = table(report)
     frame = pd.read_csv(run / "final" / "test_metrics.csv")
     conc = frame[frame["mode"] == "concatenated"]["map_at_r"].to_numpy()

@@ -1,14 +1,14 @@
 """Turn finished run folders into tables, significance tests and plots.
 
-    python -m harness.report                       # every run folder under results/
+    python -m harness.report                       # every run folder under runs/
     python -m harness.report results/quickstart results/embedded --out /tmp/report
 
 A run folder is one that holds `final/test_metrics.csv` (written by `harness.run`). Named folders
-that are not run folders themselves are scanned recursively, as `results/` is by default; in a
+that are not run folders themselves are scanned recursively, as `runs/` is by default; in a
 scan, a run folder without `final/test_metrics.csv` (an unfinished run) is skipped with a
 warning, while naming such a folder explicitly is an error.
 
-What is written to --out (default results/report/), all listed in its README.md:
+What is written to --out (default runs/report/), all listed in its README.md:
   * `table_<dataset>.md|csv|tex`: one row per method (run folder), P@1, R-Precision and MAP@R as
     mean ± std over reproductions, "separated" (per reproduction the mean of the fold models'
     scores, then mean ± std over reproductions: MLRC) and "concatenated" (one score per

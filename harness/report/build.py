@@ -16,7 +16,7 @@ import pandas as pd
 
 from harness.paper_numbers import PAPER_LABEL, REAL_DATASETS
 from harness.report.plots import plot_bars, plot_optuna, plot_training_curves
-from harness.report.runs import (RESULTS_DIR, ReportError, Run, find_run_dirs, is_run,
+from harness.report.runs import (RUNS_DIR, ReportError, Run, find_run_dirs, is_run,
                                  load_runs, slugify)
 from harness.report.significance import significance, significance_markdown
 from harness.report.tables import (dataset_table, fmt_int, md_escape, table_latex,
@@ -73,10 +73,10 @@ class Report:
 
 
 def build_report(run_dirs: list[str | Path] | None = None, out: str | Path | None = None,
-                 results_dir: Path = RESULTS_DIR, command: str | None = None,
+                 runs_dir: Path = RUNS_DIR, command: str | None = None,
                  plots: bool = True) -> Report:
-    out = Path(out) if out is not None else results_dir / "report"
-    found, notes = find_run_dirs(run_dirs, results_dir=results_dir, exclude=out)
+    out = Path(out) if out is not None else runs_dir / "report"
+    found, notes = find_run_dirs(run_dirs, runs_dir=runs_dir, exclude=out)
     strict = {Path(p).resolve() for p in (run_dirs or []) if is_run(Path(p))}
     runs, load_notes = load_runs(found, strict=strict)
     notes += load_notes

@@ -8,7 +8,7 @@ import sys
 from harness.errors import HarnessError
 from harness.report import __doc__ as REPORT_DOC
 from harness.report.build import build_report
-from harness.report.runs import DEFAULT_OUT, RESULTS_DIR
+from harness.report.runs import DEFAULT_OUT, RUNS_DIR
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -16,7 +16,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dirs", nargs="*", metavar="RUN_DIR",
                    help="run folders (or folders to scan); default: every run folder under "
-                        f"{RESULTS_DIR}")
+                        f"{RUNS_DIR}")
     p.add_argument("--out", help=f"output folder (default {DEFAULT_OUT})")
     p.add_argument("--no-plots", action="store_true", help="tables and tests only")
     return p.parse_args(argv)

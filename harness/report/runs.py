@@ -20,8 +20,8 @@ from harness.aggregate import METRICS, MODES
 from harness.errors import HarnessError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-RESULTS_DIR = REPO_ROOT / "results"
-DEFAULT_OUT = RESULTS_DIR / "report"
+RUNS_DIR = REPO_ROOT / "runs"  # where harness.run writes by default
+DEFAULT_OUT = RUNS_DIR / "report"
 
 
 class ReportError(HarnessError):
@@ -52,24 +52,24 @@ def _scan(root: Path, exclude: Path | None) -> tuple[list[Path], list[str]]:
     return found, notes
 
 
-def find_run_dirs(paths: list[str | Path] | None = None, results_dir: Path = RESULTS_DIR,
+def find_run_dirs(paths: list[str | Path] | None = None, runs_dir: Path = RUNS_DIR,
                   exclude: Path | None = None) -> tuple[list[Path], list[str]]:
     """The run folders to report and the warnings of the scan.
 
-    No `paths`: every run folder under `results_dir`, recursively. Otherwise each path is a run
+    No `paths`: every run folder under `runs_dir`, recursively. Otherwise each path is a run
     folder (it must hold final/test_metrics.csv) or a folder scanned recursively.
     """
     exclude = exclude.resolve() if exclude is not None else None
     found: list[Path] = []
     notes: list[str] = []
     if not paths:
-        if not results_dir.is_dir():
-            raise ReportError(f"no run folders found: {results_dir} does not exist. Run a study "
+        if not runs_dir.is_dir():
+            raise ReportError(f"no run folders found: {runs_dir} does not exist. Run a study "
                               f"first (python -m harness.run --study quickstart) or name run "
                               f"folders: python -m harness.report RUN_DIR ...")
-        found, notes = _scan(results_dir, exclude)
+        found, notes = _scan(runs_dir, exclude)
         if not found:
-            raise ReportError(f"no run folders found under {results_dir} (a run folder holds "
+            raise ReportError(f"no run folders found under {runs_dir} (a run folder holds "
                               f"final/test_metrics.csv, written when a run reaches its final "
                               f"step)" + (f"; {len(notes)} unfinished run(s) skipped"
                                           if notes else ""))
@@ -361,8 +361,10 @@ def _assign_labels(runs: list[Run]) -> None:
 
 
 def _short_path(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(RESULTS_DIR.resolve()))
-    except ValueError:
-        return str(path)
+    for root in (RUNS_DIR, REPO_ROOT):  # runs/NAME -> NAME, results/NAME -> results/NAME
+        try:
+            return str(path.resolve().relative_to(root.resolve()))
+        except ValueError:
+            continue
+    return str(path)
 
