@@ -94,6 +94,20 @@ def output_dir(args: argparse.Namespace, cfg: StudyConfig) -> Path:
     return RUNS_DIR / cfg.name
 
 
+def note_earlier_default(args: argparse.Namespace, output: Path) -> str:
+    """A note when a new default run folder starts while results/ holds a run of the same
+    name: the committed reference run, or a run made when results/ was the default. The new run
+    does not resume it (and never writes into results/ unasked); the note says how to."""
+    if args.output or (output / "config.json").exists():
+        return ""
+    earlier = RUNS_DIR.parent / "results" / output.relative_to(RUNS_DIR)
+    if not (earlier / "config.json").is_file():
+        return ""
+    return (f"note: {earlier} holds an earlier run of this study (a committed reference run, or "
+            f"one from when run folders defaulted to results/). This run starts afresh in "
+            f"{output}; to resume that one instead, pass --output {earlier}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -145,6 +159,9 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = resolve_config(args)
     output = output_dir(args, cfg)
+    note = note_earlier_default(args, output)
+    if note:
+        print(note, flush=True)
     check_output_dir(output)
     check_same_study(output, cfg)
     output.mkdir(parents=True, exist_ok=True)

@@ -55,3 +55,24 @@ def test_report_reads_and_writes_runs_by_default(monkeypatch):
     assert report_cli.main([]) == 2
     assert seen == {"run_dirs": None, "out": REPO / "runs" / "report"}
     assert inspect.signature(build_report).parameters["runs_dir"].default == REPO / "runs"
+
+
+def test_a_run_in_the_earlier_default_folder_is_pointed_out_not_resumed(tmp_path, monkeypatch):
+    from harness import run as run_mod
+
+    monkeypatch.setattr(run_mod, "RUNS_DIR", tmp_path / "runs")
+    earlier = tmp_path / "results" / "embedded" / "proxy_anchor_glyphs"
+    earlier.mkdir(parents=True)
+    args = parse_args(["--study", "proxy_anchor_cub", "--profile", "embedded"])
+    out = output_dir(args, resolve_config(args))
+    assert out == tmp_path / "runs" / "embedded" / "proxy_anchor_glyphs"
+    assert run_mod.note_earlier_default(args, out) == ""  # no run there: nothing to say
+    (earlier / "config.json").write_text("{}")
+    note = run_mod.note_earlier_default(args, out)
+    assert f"{earlier} holds an earlier run" in note and f"--output {earlier}" in note
+    out.mkdir(parents=True)
+    (out / "config.json").write_text("{}")  # the new folder exists: it is what resumes
+    assert run_mod.note_earlier_default(args, out) == ""
+    explicit = parse_args(["--study", "proxy_anchor_cub", "--profile", "embedded",
+                           "--output", str(tmp_path / "x")])
+    assert run_mod.note_earlier_default(explicit, tmp_path / "x") == ""
