@@ -2,13 +2,15 @@
 
   * the tiny end-to-end study on the glyphs (`glyph_root`, `write_study`, `load`, `REPO`);
   * real JPEG files of awkward shapes (`write_jpegs`);
-  * loss batches, slow reference losses and tolerances (`make_batch`, `ref_proxy_anchor`, ...).
+  * loss batches, slow reference losses and tolerances (`make_batch`, `ref_proxy_anchor`, ...);
+  * the scripts of benchmarks/ as modules (`benchmark_script`).
 
 Helpers are imported as `from conftest import ...` (pytest puts tests/ on sys.path).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import signal
@@ -25,6 +27,14 @@ from PIL import Image
 from harness.datasets.base import Records
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def benchmark_script(name: str):
+    """benchmarks/NAME.py loaded as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pandas as pd
 import pytest
-from conftest import REPO
+from conftest import REPO, benchmark_script
 
 
 def driver():
-    spec = importlib.util.spec_from_file_location(
-        "embedded_comparison", REPO / "benchmarks" / "embedded_comparison.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("embedded_comparison")
 
 
 def write_comparison(folder, seed: int, scores: dict[str, float]) -> None:

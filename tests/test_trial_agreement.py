@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import optuna
-
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "trial_agreement.py"
+from conftest import benchmark_script
 
 
 def script():
-    spec = importlib.util.spec_from_file_location("trial_agreement", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("trial_agreement")
 
 
 def write_study(folder: Path, trials: list[tuple[float, float, bool]]) -> None:

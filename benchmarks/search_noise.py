@@ -1,0 +1,227 @@
+"""Why do two seeds of the embedded comparison rank the methods differently? A diagnosis.
+
+    python benchmarks/search_noise.py results/embedded/seed_0 results/embedded/seed_1 \
+        [--jobs 2] [--out results/embedded/search_noise.md]
+
+The seeds differ in the search's random draws and in the training seeds. The final table ranks
+each method by the test MAP@R of its search winner; a search of 10 trials can pick a better or a
+worse winner in each seed. To see how much of the disagreement that is, this script scores
+EVERY finished search trial on the test set after the fact: it embeds the glyph test classes
+with the trial's own 4 fold models (trials/trial_NNNN/fold_K/best.pt) and computes the
+concatenated test MAP@R: one run, as reproduction 0 is for the best trial. These scores are a
+diagnosis of the protocol's noise and nothing else: no result table uses them, and choosing a
+trial by its test score would be test-set selection.
+
+Check: the best trial's score computed here must equal its final/rep_00/concatenated.json
+(the same models and the same test), or the script stops with an error.
+
+Needs the trial checkpoints, which are not committed (`embedded_comparison.py run` writes them;
+see results/README.md). Writes the per-trial scores (OUT with .csv) and OUT (markdown):
+  * per method and seed, the rank correlation of validation and test MAP@R over its trials;
+  * Spearman between the seeds' rankings of the methods when each seed keeps the best (by
+    validation) of its first k trials, k = 1..10 (one run per method, so noisier than the final
+    table's 11 runs; k = 10 is the protocol's winner);
+  * the same with each seed's best trial by test score: an oracle search, the agreement a
+    perfect search would leave (retraining noise and the seeds' different trials remain).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parent.parent
+FOLDS = 4
+# rep_00's score was computed by the same code from the same checkpoints; float32 embedding
+# and metric code that is deterministic on one machine: an exact match is expected, the
+# tolerance only absorbs a different BLAS summation order on another machine.
+REP0_TOLERANCE = 1e-6
+
+
+def study_config(run_dir: Path):
+    """The StudyConfig a finished run folder recorded (config.json), type-checked as a study file
+    would be."""
+    from harness.config import StudyConfig, apply_table
+
+    cfg = StudyConfig()
+    table = json.loads((run_dir / "config.json").read_text())
+    apply_table(cfg, table, source=str(run_dir / "config.json"))
+    return cfg
+
+
+def trial_checkpoints(run_dir: Path, number: int) -> list[Path]:
+    paths = [run_dir / "trials" / f"trial_{number:04d}" / f"fold_{k}" / "best.pt"
+             for k in range(FOLDS)]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise SystemExit(f"{run_dir}: trial {number} lacks fold checkpoint(s) {missing[:2]}: "
+                         f"this diagnosis needs every search trial's checkpoints, which a run "
+                         f"of embedded_comparison.py writes but the repository does not hold")
+    return paths
+
+
+def score_study(run_dir: str) -> list[dict]:
+    """Test MAP@R (concatenated, and the mean of the separated fold models) of every finished
+    trial of one study, with its validation MAP@R; checked against final/rep_00."""
+    import torch
+
+    from harness.data import prepare_data
+    from harness.final import concatenate, embed_test_set, test_metrics
+    from harness.train import load_best_model
+
+    torch.set_num_threads(1)
+    folder = Path(run_dir)
+    cfg = study_config(folder)
+    data = prepare_data(cfg)
+    cpu = torch.device("cpu")
+    summary = json.loads((folder / "search_summary.json").read_text())
+    rows = []
+    for trial in summary["trials"]:
+        value = trial.get("value")
+        if trial.get("state") != "COMPLETE" or value is None or not math.isfinite(value):
+            continue
+        row = {"seed": cfg.seed, "study": folder.name, "trial": trial["number"],
+               "diverged": bool(trial.get("diverged")), "val_map_at_r": value}
+        if row["diverged"]:  # no models to test (its value, 0, is what the search saw)
+            rows.append({**row, "test_map_at_r": math.nan, "test_separated_map_at_r": math.nan})
+            continue
+        embeddings = [embed_test_set(cfg, load_best_model(cfg, path, cpu), data, cpu)
+                      for path in trial_checkpoints(folder, trial["number"])]
+        separated = [test_metrics(e, cpu)["map_at_r"] for e in embeddings]
+        rows.append({**row,
+                     "test_map_at_r": test_metrics(concatenate(embeddings), cpu)["map_at_r"],
+                     "test_separated_map_at_r": float(np.mean(separated))})
+    check_against_rep0(folder, summary["best_trial"], rows)
+    return rows
+
+
+def check_against_rep0(folder: Path, best: int, rows: list[dict]) -> None:
+    recorded = json.loads((folder / "final" / "rep_00" / "concatenated.json").read_text())
+    mine = [r["test_map_at_r"] for r in rows if r["trial"] == best]
+    if not mine or abs(mine[0] - recorded["map_at_r"]) > REP0_TOLERANCE:
+        raise SystemExit(f"{folder}: the best trial {best} scores {mine[:1]} here but "
+                         f"{recorded['map_at_r']} in final/rep_00/concatenated.json: these are "
+                         f"not the models or the test set that the final step used")
+
+
+def study_folders(seed_dir: Path) -> list[Path]:
+    return sorted(p for p in seed_dir.iterdir()
+                  if (p / "search_summary.json").is_file() and (p / "final").is_dir())
+
+
+def best_of_first(trials: pd.DataFrame, k: int, by: str) -> float:
+    """Test MAP@R of the trial with the highest `by` among the first k (in trial order) that
+    did not diverge; NaN when all k diverged."""
+    first = trials.sort_values("trial").head(k)
+    first = first[first["test_map_at_r"].notna()]
+    return float(first.loc[first[by].idxmax(), "test_map_at_r"]) if len(first) else math.nan
+
+
+def selection_agreement(scores: pd.DataFrame, seeds: tuple[int, int], by: str,
+                        ks: range) -> pd.DataFrame:
+    from scipy import stats
+
+    rows = []
+    for k in ks:
+        picked = {s: scores[scores.seed == s].groupby("method").apply(
+            best_of_first, k=k, by=by, include_groups=False) for s in seeds}
+        a, b = picked[seeds[0]].align(picked[seeds[1]], join="inner")
+        both = a.notna() & b.notna()  # a method whose first k trials all diverged drops out
+        a, b = a[both], b[both]
+        rho = stats.spearmanr(a, b)[0]
+        rows.append({"trials searched (k)": k, "methods": len(a),
+                     "Spearman between seeds": round(float(rho), 3),
+                     "mean |seed gap|": round(float((a - b).abs().mean()), 4)})
+    return pd.DataFrame(rows)
+
+
+def within_method(scores: pd.DataFrame) -> pd.DataFrame:
+    from scipy import stats
+
+    rows = []
+    for (method, seed), t in scores.groupby(["method", "seed"]):
+        t = t[t["test_map_at_r"].notna()]  # diverged trials have no models
+        best = t.loc[t["val_map_at_r"].idxmax()]
+        rows.append({"method": method, "seed": seed, "trials": len(t),
+                     "rho(val, test)": round(float(stats.spearmanr(t["val_map_at_r"],
+                                                                   t["test_map_at_r"])[0]), 2),
+                     "test of val-best": round(float(best["test_map_at_r"]), 4),
+                     "best test": round(float(t["test_map_at_r"].max()), 4),
+                     "test spread (max - min)": round(float(t["test_map_at_r"].max()
+                                                            - t["test_map_at_r"].min()), 4)})
+    return pd.DataFrame(rows)
+
+
+def markdown(frame: pd.DataFrame) -> str:
+    cols = list(frame.columns)
+    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(False)]
+    return "\n".join(lines)
+
+
+def report(scores: pd.DataFrame, runs: list[Path]) -> str:
+    seeds = tuple(sorted(scores.seed.unique()))
+    if len(seeds) != 2:
+        raise SystemExit(f"expected two seeds, found {list(seeds)}")
+    ks = range(1, int(scores.groupby(["method", "seed"]).size().min()) + 1)
+    by_val = selection_agreement(scores, seeds, "val_map_at_r", ks)
+    oracle = selection_agreement(scores, seeds, "test_map_at_r", ks[-1:])
+    within = within_method(scores)
+    median_rho = within.groupby("seed")["rho(val, test)"].median()
+    lost = (within["best test"] - within["test of val-best"]).mean()
+    lines = [
+        "# How much of the seeds' disagreement is the search? (diagnosis)", "",
+        f"Runs: {', '.join(map(str, runs))}; {scores.method.nunique()} methods, "
+        f"{len(scores)} finished search trials ({int(scores.diverged.sum())} diverged: no "
+        "models), each other one scored on the test classes with its own "
+        "4 fold models, concatenated (one run; the best trial's score equals its "
+        "final/rep_00, checked). Made by `python benchmarks/search_noise.py "
+        f"{' '.join(map(str, runs))}`. No result table uses these test scores.", "",
+        "## Selecting the best of the first k trials by validation MAP@R (as the protocol does "
+        "at k = 10)", "",
+        markdown(by_val), "",
+        f"With an oracle search (each seed's best trial by test score, k = {ks[-1]}): Spearman "
+        f"{oracle['Spearman between seeds'].iloc[0]:.3f}, mean |seed gap| "
+        f"{oracle['mean |seed gap|'].iloc[0]:.4f}.", "",
+        "## Does validation MAP@R pick the trial that tests best?", "",
+        f"Median over methods of the rank correlation between a trial's validation and test "
+        f"MAP@R: {', '.join(f'seed {s}: {v:.2f}' for s, v in median_rho.items())}. On "
+        f"average the validation-best trial tests {lost:.4f} MAP@R below the method's "
+        "best-testing trial.", "",
+        markdown(within.sort_values(["method", "seed"])), ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs=2, help="two seed folders of embedded_comparison.py run")
+    p.add_argument("--jobs", type=int, default=2, help="processes (one torch thread each)")
+    p.add_argument("--out", default="", help="markdown file (default: search_noise.md beside "
+                                             "the first folder); the scores go to .csv beside it")
+    args = p.parse_args(argv)
+    runs = [Path(r) for r in args.runs]
+    folders = [str(f) for run in runs for f in study_folders(run)]
+    if not folders:
+        raise SystemExit(f"no finished studies in {args.runs}")
+    with ProcessPoolExecutor(args.jobs) as pool:
+        scores = pd.DataFrame([row for rows in pool.map(score_study, folders) for row in rows])
+    scores["method"] = scores["study"].str.removesuffix("_glyphs")
+    out = Path(args.out) if args.out else runs[0].parent / "search_noise.md"
+    scores.sort_values(["seed", "study", "trial"]).to_csv(out.with_suffix(".csv"), index=False)
+    text = report(scores, runs)
+    out.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    sys.exit(main())

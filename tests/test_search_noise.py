@@ -1,0 +1,87 @@
+"""benchmarks/search_noise.py: every search trial scored on the test set, checked against the
+final step's own score of the best trial; the selection analysis on known numbers."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import pandas as pd
+import pytest
+
+from harness.run import main
+from conftest import benchmark_script, write_study
+
+def script():
+    return benchmark_script("search_noise")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, glyph_root):
+    tmp = tmp_path_factory.mktemp("noise")
+    study = write_study(tmp, glyph_root)
+    out = tmp / "seed_0" / "tiny_glyphs"
+    assert main(["--study", str(study), "--output", str(out), "--device", "cpu"]) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_every_trial_is_scored_and_the_best_matches_rep_00(finished_run):
+    rows = script().score_study(str(finished_run))
+    assert [r["trial"] for r in rows] == [0, 1]
+    assert all(0.0 <= r["test_map_at_r"] <= 1.0 for r in rows)
+    # score_study raised unless the best trial's score equals final/rep_00/concatenated.json;
+    # the other trial's models are different models: another score
+    assert rows[0]["test_map_at_r"] != rows[1]["test_map_at_r"]
+
+
+@pytest.mark.slow
+def test_other_models_under_the_best_trials_name_are_caught(finished_run, tmp_path):
+    copy = tmp_path / "tiny_glyphs"
+    shutil.copytree(finished_run, copy)
+    best = script().json.loads((copy / "search_summary.json").read_text())["best_trial"]
+    other = 1 - best
+    for k in range(4):  # the other trial's models where the best trial's should be
+        shutil.copy(copy / "trials" / f"trial_{other:04d}" / f"fold_{k}" / "best.pt",
+                    copy / "trials" / f"trial_{best:04d}" / f"fold_{k}" / "best.pt")
+    with pytest.raises(SystemExit, match="not the models or the test set"):
+        script().score_study(str(copy))
+
+
+@pytest.mark.slow
+def test_missing_trial_checkpoints_are_a_clear_error(finished_run, tmp_path):
+    copy = tmp_path / "tiny_glyphs"
+    shutil.copytree(finished_run, copy)
+    (copy / "trials" / "trial_0001" / "fold_2" / "best.pt").unlink()
+    with pytest.raises(SystemExit, match="trial 1 lacks fold checkpoint"):
+        script().score_study(str(copy))
+
+
+def scores(rows: list[tuple[int, str, int, float, float]]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=["seed", "method", "trial", "val_map_at_r",
+                                       "test_map_at_r"])
+
+
+def test_best_of_the_first_k_trials_by_validation_and_by_test():
+    s = script()
+    trials = scores([(0, "a", 0, 0.1, 0.30), (0, "a", 1, 0.5, 0.20), (0, "a", 2, 0.9, 0.25)])
+    assert [s.best_of_first(trials, k, "val_map_at_r") for k in (1, 2, 3)] == [0.30, 0.20, 0.25]
+    assert s.best_of_first(trials, 3, "test_map_at_r") == 0.30
+    trials.loc[trials.trial == 0, "test_map_at_r"] = float("nan")  # trial 0 diverged
+    assert math.isnan(s.best_of_first(trials, 1, "val_map_at_r"))
+    assert s.best_of_first(trials, 2, "val_map_at_r") == 0.20
+
+
+def test_seed_agreement_per_number_of_trials():
+    # Three methods. With 1 trial the seeds rank them a > b > c and c > b > a (rho -1); with 2
+    # trials validation picks trials that rank them a > b > c in both seeds (rho 1).
+    rows = []
+    for seed, first, second in [(0, (0.5, 0.4, 0.3), (0.6, 0.5, 0.4)),
+                                (1, (0.3, 0.4, 0.5), (0.7, 0.6, 0.5))]:
+        for m, method in enumerate("abc"):
+            rows += [(seed, method, 0, 0.1, first[m]), (seed, method, 1, 0.2, second[m])]
+    table = script().selection_agreement(scores(rows), (0, 1), "val_map_at_r", range(1, 3))
+    assert table["Spearman between seeds"].tolist() == [-1.0, 1.0]
+    assert table["methods"].tolist() == [3, 3]
+    assert table["mean |seed gap|"].tolist() == [pytest.approx(0.1333, abs=1e-4),
+                                                 pytest.approx(0.1, abs=1e-4)]
