@@ -56,8 +56,19 @@ def study_config(run_dir: Path):
     return cfg
 
 
-def trial_checkpoints(run_dir: Path, number: int) -> list[Path]:
-    paths = [run_dir / "trials" / f"trial_{number:04d}" / f"fold_{k}" / "best.pt"
+def trial_folders(run_dir: Path, study_name: str) -> dict[int, int]:
+    """Trial number -> the number of its folder trials/trial_NNNN: a trial retried after an
+    interruption trains (and keeps its models) in the folder of the trial it retries, whose
+    number it records as `seed_number` (harness/search.py)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{run_dir / 'study.db'}")
+    return {t.number: int(t.user_attrs.get("seed_number", t.number)) for t in study.trials}
+
+
+def trial_checkpoints(run_dir: Path, number: int, folder_number: int) -> list[Path]:
+    paths = [run_dir / "trials" / f"trial_{folder_number:04d}" / f"fold_{k}" / "best.pt"
              for k in range(FOLDS)]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
@@ -65,6 +76,26 @@ def trial_checkpoints(run_dir: Path, number: int) -> list[Path]:
                          f"this diagnosis needs every search trial's checkpoints, which a run "
                          f"of embedded_comparison.py writes but the repository does not hold")
     return paths
+
+
+def plan_study(folder: Path) -> list[tuple[dict, list[Path] | None]]:
+    """(row, fold checkpoints) for every finished trial of one study; checkpoints None for a
+    diverged trial (no models: its value, 0, is what the search saw). Stops with an error when
+    a trial's checkpoints are missing, before any model is embedded."""
+    summary = json.loads((folder / "search_summary.json").read_text())
+    seed = json.loads((folder / "config.json").read_text())["seed"]
+    folders = trial_folders(folder, summary["study"])
+    plan = []
+    for trial in summary["trials"]:
+        value = trial.get("value")
+        if trial.get("state") != "COMPLETE" or value is None or not math.isfinite(value):
+            continue
+        row = {"seed": seed, "study": folder.name, "trial": trial["number"],
+               "diverged": bool(trial.get("diverged")), "val_map_at_r": value}
+        paths = None if row["diverged"] else \
+            trial_checkpoints(folder, trial["number"], folders[trial["number"]])
+        plan.append((row, paths))
+    return plan
 
 
 def score_study(run_dir: str) -> list[dict]:
@@ -81,24 +112,19 @@ def score_study(run_dir: str) -> list[dict]:
     cfg = study_config(folder)
     data = prepare_data(cfg)
     cpu = torch.device("cpu")
-    summary = json.loads((folder / "search_summary.json").read_text())
     rows = []
-    for trial in summary["trials"]:
-        value = trial.get("value")
-        if trial.get("state") != "COMPLETE" or value is None or not math.isfinite(value):
-            continue
-        row = {"seed": cfg.seed, "study": folder.name, "trial": trial["number"],
-               "diverged": bool(trial.get("diverged")), "val_map_at_r": value}
-        if row["diverged"]:  # no models to test (its value, 0, is what the search saw)
+    for row, paths in plan_study(folder):
+        if paths is None:
             rows.append({**row, "test_map_at_r": math.nan, "test_separated_map_at_r": math.nan})
             continue
         embeddings = [embed_test_set(cfg, load_best_model(cfg, path, cpu), data, cpu)
-                      for path in trial_checkpoints(folder, trial["number"])]
+                      for path in paths]
         separated = [test_metrics(e, cpu)["map_at_r"] for e in embeddings]
         rows.append({**row,
                      "test_map_at_r": test_metrics(concatenate(embeddings), cpu)["map_at_r"],
                      "test_separated_map_at_r": float(np.mean(separated))})
-    check_against_rep0(folder, summary["best_trial"], rows)
+    best = json.loads((folder / "search_summary.json").read_text())["best_trial"]
+    check_against_rep0(folder, best, rows)
     return rows
 
 
@@ -138,7 +164,7 @@ def selection_agreement(scores: pd.DataFrame, seeds: tuple[int, int], by: str,
         rho = stats.spearmanr(a, b)[0]
         rows.append({"trials searched (k)": k, "methods": len(a),
                      "Spearman between seeds": round(float(rho), 3),
-                     "mean |seed gap|": round(float((a - b).abs().mean()), 4)})
+                     "mean abs gap between seeds": round(float((a - b).abs().mean()), 4)})
     return pd.DataFrame(rows)
 
 
@@ -159,6 +185,17 @@ def within_method(scores: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def retraining_noise(runs: list[Path]) -> float:
+    """Median over studies of the std of concatenated test MAP@R over a study's final runs (the
+    best trial's models and its retrainings: same parameters, other training seeds)."""
+    stds = []
+    for run in runs:
+        for folder in study_folders(run):
+            frame = pd.read_csv(folder / "final" / "test_metrics.csv")
+            stds.append(frame[frame["mode"] == "concatenated"]["map_at_r"].std())
+    return float(np.median(stds))
+
+
 def markdown(frame: pd.DataFrame) -> str:
     cols = list(frame.columns)
     lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
@@ -174,6 +211,7 @@ def report(scores: pd.DataFrame, runs: list[Path]) -> str:
     by_val = selection_agreement(scores, seeds, "val_map_at_r", ks)
     oracle = selection_agreement(scores, seeds, "test_map_at_r", ks[-1:])
     within = within_method(scores)
+    sigma = retraining_noise(runs)
     median_rho = within.groupby("seed")["rho(val, test)"].median()
     lost = (within["best test"] - within["test of val-best"]).mean()
     lines = [
@@ -188,8 +226,13 @@ def report(scores: pd.DataFrame, runs: list[Path]) -> str:
         "at k = 10)", "",
         markdown(by_val), "",
         f"With an oracle search (each seed's best trial by test score, k = {ks[-1]}): Spearman "
-        f"{oracle['Spearman between seeds'].iloc[0]:.3f}, mean |seed gap| "
-        f"{oracle['mean |seed gap|'].iloc[0]:.4f}.", "",
+        f"{oracle['Spearman between seeds'].iloc[0]:.3f}, mean abs gap between seeds "
+        f"{oracle['mean abs gap between seeds'].iloc[0]:.4f}.", "",
+        f"For scale: retraining the same trial with other seeds moves one run's score by "
+        f"{sigma:.4f} (median std over each study's final runs), so two runs of the same "
+        f"model differ by {2 * sigma / math.sqrt(math.pi):.4f} on average (2 sigma / sqrt(pi)); "
+        "a gap between seeds beyond that comes from the different trials each seed's search "
+        "tried.", "",
         "## Does validation MAP@R pick the trial that tests best?", "",
         f"Median over methods of the rank correlation between a trial's validation and test "
         f"MAP@R: {', '.join(f'seed {s}: {v:.2f}' for s, v in median_rho.items())}. On "
@@ -211,8 +254,14 @@ def main(argv: list[str] | None = None) -> int:
     folders = [str(f) for run in runs for f in study_folders(run)]
     if not folders:
         raise SystemExit(f"no finished studies in {args.runs}")
-    with ProcessPoolExecutor(args.jobs) as pool:
-        scores = pd.DataFrame([row for rows in pool.map(score_study, folders) for row in rows])
+    for folder in folders:  # every checkpoint present, before minutes of embedding
+        plan_study(Path(folder))
+    if args.jobs == 1:
+        per_study = list(map(score_study, folders))
+    else:
+        with ProcessPoolExecutor(args.jobs) as pool:
+            per_study = list(pool.map(score_study, folders))
+    scores = pd.DataFrame([row for rows in per_study for row in rows])
     scores["method"] = scores["study"].str.removesuffix("_glyphs")
     out = Path(args.out) if args.out else runs[0].parent / "search_noise.md"
     scores.sort_values(["seed", "study", "trial"]).to_csv(out.with_suffix(".csv"), index=False)

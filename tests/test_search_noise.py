@@ -3,6 +3,7 @@ final step's own score of the best trial; the selection analysis on known number
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 
@@ -83,5 +84,43 @@ def test_seed_agreement_per_number_of_trials():
     table = script().selection_agreement(scores(rows), (0, 1), "val_map_at_r", range(1, 3))
     assert table["Spearman between seeds"].tolist() == [-1.0, 1.0]
     assert table["methods"].tolist() == [3, 3]
-    assert table["mean |seed gap|"].tolist() == [pytest.approx(0.1333, abs=1e-4),
+    assert table["mean abs gap between seeds"].tolist() == [pytest.approx(0.1333, abs=1e-4),
                                                  pytest.approx(0.1, abs=1e-4)]
+
+
+def test_a_retried_trial_is_read_from_the_folder_of_the_trial_it_retries(tmp_path):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.create_study(study_name="m_glyphs", direction="maximize",
+                                storage=f"sqlite:///{tmp_path / 'study.db'}")
+    dist = {"lr": optuna.distributions.FloatDistribution(0.0, 1.0)}
+    for number, seed_number in [(0, 0), (1, 1), (2, 1), (3, 3)]:  # trial 2 retried trial 1
+        state = optuna.trial.TrialState.FAIL if number == 1 else optuna.trial.TrialState.COMPLETE
+        study.add_trial(optuna.trial.create_trial(
+            params={"lr": 0.1}, distributions=dist, state=state,
+            value=None if number == 1 else 0.5, user_attrs={"seed_number": seed_number}))
+    assert script().trial_folders(tmp_path, "m_glyphs") == {0: 0, 1: 1, 2: 1, 3: 3}
+    for k in range(4):
+        fold = tmp_path / "trials" / "trial_0001" / f"fold_{k}"
+        fold.mkdir(parents=True)
+        (fold / "best.pt").write_bytes(b"")
+    paths = script().trial_checkpoints(tmp_path, 2, 1)
+    assert [p.parent.parent.name for p in paths] == ["trial_0001"] * 4
+
+
+@pytest.mark.slow
+def test_two_seed_folders_give_the_scores_and_the_report(finished_run, tmp_path):
+    for seed in (0, 1):  # the same run under two seed folders (the seed as config.json says)
+        copy = tmp_path / f"seed_{seed}" / "tiny_glyphs"
+        shutil.copytree(finished_run, copy)
+        config = json.loads((copy / "config.json").read_text())
+        (copy / "config.json").write_text(json.dumps({**config, "seed": seed}))
+    out = tmp_path / "noise.md"
+    assert script().main([str(tmp_path / "seed_0"), str(tmp_path / "seed_1"), "--jobs", "1",
+                          "--out", str(out)]) == 0
+    scores = pd.read_csv(out.with_suffix(".csv"))
+    assert sorted(scores["seed"]) == [0, 0, 1, 1]
+    assert scores.groupby("trial")["test_map_at_r"].nunique().eq(1).all()  # same models
+    text = out.read_text()
+    assert "| trials searched (k) |" in text and "For scale: retraining" in text
