@@ -37,6 +37,8 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from harness.run_folder import (MISSING, config_differences, flat_config,  # noqa: E402
+                                is_setting)
 
 
 def all_methods() -> list[str]:
@@ -69,22 +71,11 @@ def study_argv(study: str, args, out: Path) -> list[str]:
 PER_METHOD_KEYS = ("name", "description", "loss")
 
 
-def flat(config: dict, prefix: str = "") -> dict:
-    """{'train.lr': 0.001, ...}: a nested config as dotted keys, to name what differs."""
-    items = {}
-    for key, value in config.items():
-        if isinstance(value, dict) and value:
-            items.update(flat(value, f"{prefix}{key}."))
-        else:
-            items[f"{prefix}{key}"] = value
-    return items
-
-
 def protocol(config: dict, trunk_sha256: str | None, also_ignore: tuple = ()) -> dict:
     """A study's config without its method, plus the trunk file it started from: what every
     study in one table (or, less the seed, in both seeds) must share."""
     ignore = PER_METHOD_KEYS + also_ignore
-    kept = {k: v for k, v in flat(config).items() if k.split(".")[0] not in ignore}
+    kept = {k: v for k, v in flat_config(config).items() if k.split(".")[0] not in ignore}
     return {**kept, "trunk sha256": trunk_sha256}
 
 
@@ -106,13 +97,13 @@ def differences(a: dict, b: dict) -> list[str]:
     """'key: A vs B' for each key where two protocols differ, a setting that one study's
     config lacks (written by an older harness) included; an unrecorded trunk hash (None,
     studies run before it was recorded) is not a difference."""
-    def shown(protocol: dict, key: str) -> str:
-        return repr(protocol[key]) if key in protocol else "absent (an older harness)"
+    def shown(key: str, value) -> str:
+        if value is not MISSING:
+            return repr(value)
+        return "absent (an older harness)" if is_setting(key) else "not set"
 
-    keys = sorted(set(a) | set(b))
-    return [f"{k}: {shown(a, k)} vs {shown(b, k)}" for k in keys
-            if ((k in a) != (k in b) or a.get(k) != b.get(k))
-            and not (k == "trunk sha256" and None in (a.get(k), b.get(k)))]
+    return [f"{k}: {shown(k, x)} vs {shown(k, y)}" for k, x, y in config_differences(a, b)
+            if not (k == "trunk sha256" and None in (x, y))]
 
 
 def refuse_mixed_protocols(protocols: dict[str, dict], what: str) -> None:

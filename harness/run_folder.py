@@ -27,9 +27,8 @@ from harness.errors import ConfigError
 # Keys that may change between invocations of one output folder: they change neither the
 # search nor what a fold trains (growing the budget resumes; the data may move; the device and
 # loader settings only change speed).
-RESUMABLE_KEYS = {("search", "trials"), ("final", "reproductions"), ("train", "device"),
-                  ("data", "root"), ("data", "num_workers"), ("data", "cache"),
-                  ("data", "cache_dir"), ("train", "eval_batch_size")}
+RESUMABLE_KEYS = {"search.trials", "final.reproductions", "train.device", "data.root",
+                  "data.num_workers", "data.cache", "data.cache_dir", "train.eval_batch_size"}
 SQLITE_HEADER = b"SQLite format 3\x00"
 
 
@@ -68,6 +67,39 @@ def check_output_dir(output: Path) -> None:
                           f"can write to")
 
 
+MISSING = object()  # a key one of two configs does not have
+
+
+def flat_config(config: dict, prefix: str = "") -> dict[str, Any]:
+    """{'train.lr': 0.001, 'loss.params.margin': 0.1, ...}: a nested config (config.json) as
+    dotted keys, so that a difference is named down to the setting. An empty dict adds no key:
+    `loss.params = {}` and a `loss.params` with one entry differ in that entry only."""
+    items = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            items.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            items[f"{prefix}{key}"] = value
+    return items
+
+
+def config_differences(a: dict, b: dict, skip: set[str] = frozenset()
+                       ) -> list[tuple[str, Any, Any]]:
+    """(key, value in a, value in b) for every dotted key of two flat configs whose values
+    differ, MISSING where one lacks the key: a setting added or removed since one was written
+    is a difference (None must not pass for a value that was never chosen). Resuming a folder
+    (check_same_study) and comparing studies (benchmarks/embedded_comparison.py) both use it."""
+    return [(k, a.get(k, MISSING), b.get(k, MISSING)) for k in sorted(set(a) | set(b))
+            if k not in skip and ((k in a) != (k in b) or a.get(k) != b.get(k))]
+
+
+def is_setting(key: str) -> bool:
+    """A field of the config's schema ('seed', 'train.tf32'), not an entry of a dict-valued
+    field ('loss.params.margin'): only a field can be missing because a harness version lacked
+    it."""
+    return key.count(".") <= 1
+
+
 def check_same_study(output: Path, cfg: StudyConfig) -> None:
     """Refuse to mix two different configurations in one folder (results would be wrong)."""
     path = output / "config.json"
@@ -77,22 +109,17 @@ def check_same_study(output: Path, cfg: StudyConfig) -> None:
     if not isinstance(old, dict):
         raise ConfigError(f"{path} is not valid JSON: this run folder is damaged; move it "
                           f"away or choose another --output")
-    diffs = []
-    for section, values in cfg.to_dict().items():
-        if isinstance(values, dict):
-            for key, value in values.items():
-                if (section, key) in RESUMABLE_KEYS:
-                    continue
-                kept = old.get(section) if isinstance(old.get(section), dict) else {}
-                if key not in kept:  # a setting added since: the old run did not choose it
-                    diffs.append(f"{section}.{key}: absent (written by an older harness) -> "
-                                 f"{value!r}")
-                elif kept[key] != value:
-                    diffs.append(f"{section}.{key}: {kept[key]!r} -> {value!r}")
-        elif old.get(section) != values:
-            diffs.append(f"{section}: {old.get(section)!r} -> {values!r}")
+    def shown(key: str, value, absent: str) -> str:
+        if value is not MISSING:
+            return repr(value)
+        return absent if is_setting(key) else "not set"  # e.g. a loss parameter
+
+    found = config_differences(flat_config(old), flat_config(cfg.to_dict()), RESUMABLE_KEYS)
+    diffs = [f"{key}: {shown(key, was, 'absent (written by an older harness)')} -> "
+             f"{shown(key, now, 'absent (not a setting of this harness)')}"
+             for key, was, now in found]
     if diffs:
-        older = any("absent (written by an older harness)" in d for d in diffs)
+        older = any(MISSING in (was, now) and is_setting(key) for key, was, now in found)
         how = ("Finish it with the harness version that wrote it (its provenance.json names "
                "the commit)" if older else "Resume it with the same settings")
         raise ConfigError(f"{output} holds a run of a different configuration "
@@ -125,7 +152,8 @@ def fingerprint(cfg: StudyConfig, seed: int) -> str:
     """What a fold trains: the configuration (less the keys that do not change training) and its
     seed. Two fold runs with the same fingerprint train the same model."""
     d = cfg.to_dict()
-    for section, key in RESUMABLE_KEYS:
+    for dotted in RESUMABLE_KEYS:
+        section, key = dotted.split(".")
         d.get(section, {}).pop(key, None)
     d.pop("description", None)
     d["search"].pop("fixed", None)  # how a value was chosen does not change what trains

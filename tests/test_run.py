@@ -165,3 +165,39 @@ def test_a_folder_from_before_a_setting_existed_is_not_resumed_under_it(tmp_path
 def test_list_shows_the_studies(capsys):
     assert main(["--list"]) == 0
     assert "quickstart" in capsys.readouterr().out
+
+
+def test_a_folder_with_a_setting_this_harness_lacks_is_not_resumed(tmp_path):
+    """A setting removed since the folder was written (or written by a newer harness): the old
+    run chose a value this code cannot honour, so it is not the same study."""
+    from harness.config import load_study
+    from harness.errors import ConfigError
+    from harness.run_folder import check_same_study
+
+    cfg = load_study("quickstart")
+    old = cfg.to_dict()
+    old["train"]["retired_setting"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    with pytest.raises(ConfigError, match=r"train\.retired_setting: 3 -> absent \(not a setting "
+                                          r"of this harness\)\)\. Finish it with the harness"):
+        check_same_study(tmp_path, cfg)
+
+
+def test_a_loss_parameter_set_only_in_the_folder_is_a_plain_difference(tmp_path):
+    """An entry of a dict-valued field (a loss parameter) is 'not set', and the advice is to
+    resume with the same settings, not to look for an older harness."""
+    from harness.config import load_study
+    from harness.errors import ConfigError
+    from harness.run_folder import check_same_study
+
+    cfg = load_study("quickstart")
+    old = cfg.to_dict()
+    old["loss"]["params"]["not_a_default"] = 0.5
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    with pytest.raises(ConfigError, match=r"loss\.params\.not_a_default: 0\.5 -> not set\)\. "
+                                          r"Resume it with the same settings"):
+        check_same_study(tmp_path, cfg)
+    old = cfg.to_dict()
+    old["search"]["trials"] = 999  # a resumable key: growing the budget is allowed
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    check_same_study(tmp_path, cfg)
