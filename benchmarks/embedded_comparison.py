@@ -30,13 +30,14 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import pandas as pd
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from harness.progress import bar  # noqa: E402
 from harness.run_folder import (MISSING, config_differences, flat_config,  # noqa: E402
                                 is_setting)
 
@@ -248,8 +249,14 @@ def command_run(args) -> int:
     trunk = prepare_once()
     check_extends_alike(out, record, studies, args, trunk)
     prepared = time.perf_counter()
-    with ThreadPoolExecutor(args.jobs) as pool:
-        runs = list(pool.map(lambda s: run_study(s, args, out), studies))
+    # one bar over the studies (each study's own output goes to OUT/<study>.log): a seed of
+    # the full comparison runs for hours on a laptop
+    with ThreadPoolExecutor(args.jobs) as pool, \
+            bar(total=len(studies), desc=f"seed {args.seed}", unit="study", leave=True) as done:
+        futures = [pool.submit(run_study, s, args, out) for s in studies]
+        for future in as_completed(futures):
+            done.update()
+        runs = [f.result() for f in futures]  # in the order of the studies
     finished = time.perf_counter()
     failed = [r["study"] for r in runs if r["exit"]]
     record["batches"].append({

@@ -290,3 +290,24 @@ def test_a_damaged_study_folder_is_a_clear_refusal_before_training(tmp_path, dam
                                          "unreadable"):
         driver().check_extends_alike(tmp_path, record, ["cosface_glyphs"], args, TRUNK)
     assert (tmp_path / "proxy_anchor_glyphs" / damaged).read_text() == "{torn"
+
+
+def test_run_records_the_studies_in_their_order_whatever_order_they_finish(tmp_path,
+                                                                           monkeypatch):
+    import time
+
+    module = driver()
+    monkeypatch.setattr(module, "prepare_once", lambda: TRUNK)
+    monkeypatch.setattr(module.subprocess, "call", lambda *a, **k: 0)  # no report
+    delays = {"cosface_glyphs": 0.3, "arcface_glyphs": 0.0, "triplet_glyphs": 0.1}
+
+    def fake_run_study(study, args, out):  # the first study finishes last
+        time.sleep(delays[study])
+        return {"study": study, "exit": 1, "seconds": delays[study]}
+
+    monkeypatch.setattr(module, "run_study", fake_run_study)
+    assert module.main(["run", "--methods", "cosface,arcface,triplet", "--jobs", "2",
+                        "--out", str(tmp_path)]) == 1  # every study "failed"
+    batch = json.loads((tmp_path / "comparison.json").read_text())["batches"][0]
+    assert [r["study"] for r in batch["runs"]] == list(delays)
+    assert batch["failed"] == list(delays)
