@@ -40,7 +40,7 @@ def test_every_trial_is_scored_and_the_best_matches_rep_00(finished_run):
 def test_other_models_under_the_best_trials_name_are_caught(finished_run, tmp_path):
     copy = tmp_path / "tiny_glyphs"
     shutil.copytree(finished_run, copy)
-    best = script().json.loads((copy / "search_summary.json").read_text())["best_trial"]
+    best = json.loads((copy / "final" / "best_trial.json").read_text())["trial"]
     other = 1 - best
     for k in range(4):  # the other trial's models where the best trial's should be
         shutil.copy(copy / "trials" / f"trial_{other:04d}" / f"fold_{k}" / "best.pt",
