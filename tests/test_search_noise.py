@@ -124,3 +124,12 @@ def test_two_seed_folders_give_the_scores_and_the_report(finished_run, tmp_path)
     assert scores.groupby("trial")["test_map_at_r"].nunique().eq(1).all()  # same models
     text = out.read_text()
     assert "| trials searched (k) |" in text and "For scale: retraining" in text
+
+
+def test_gap_between_seeds_per_method_and_k():
+    rows = [(0, "a", 0, 0.1, 0.30), (0, "a", 1, 0.2, 0.40), (1, "a", 0, 0.1, 0.35),
+            (1, "a", 1, 0.3, 0.38), (0, "b", 0, 0.5, 0.20), (0, "b", 1, 0.1, 0.90),
+            (1, "b", 0, 0.5, 0.25), (1, "b", 1, 0.9, 0.21)]
+    gaps = script().gaps_by_method(scores(rows), (0, 1), [1, 2]).set_index("method")
+    assert gaps.loc["a"].tolist() == [pytest.approx(0.05), pytest.approx(0.02)]
+    assert gaps.loc["b"].tolist() == [pytest.approx(0.05), pytest.approx(0.01)]

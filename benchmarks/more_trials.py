@@ -1,0 +1,109 @@
+"""Would a bigger search make the seeds agree? Grow copies of some studies' searches and see.
+
+    python benchmarks/more_trials.py results/embedded/seed_0 results/embedded/seed_1 \
+        --methods arcface,norm_softmax --trials 20 --out runs/more_trials [--jobs 2]
+
+Copies each method's study folder from both seed folders into OUT/seed_S/<study> (the originals
+are not touched), grows each copy's search to --trials with `harness.run --stage search` (MLRC's
+GP search goes on from the trials the study has; the final step is not rerun), then runs
+benchmarks/search_noise.py on the two copies (OUT/search_noise.md and .csv): the seeds'
+agreement and the gap between them when each seed keeps the best of its first k trials, now for
+k up to --trials. Growing a copy again with a larger --trials resumes it.
+
+A copy of a folder written before the `train.tf32` setting existed would be refused on resume
+(its config.json lacks the key). It gets `tf32 = false` only when every invocation recorded in
+its provenance.json ran on the CPU, which has no TF32 (float32 either way); otherwise the script
+stops and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+COPY_IGNORE = shutil.ignore_patterns(".lock", "*.db.lock")  # a copy starts unlocked
+
+
+def add_tf32_if_cpu_only(folder: Path) -> None:
+    """config.json without train.tf32: state the float32 the run had, if it ran on the CPU."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    if "tf32" in config.get("train", {}):
+        return
+    invocations = json.loads((folder / "provenance.json").read_text())
+    devices = {str((i.get("hardware") or {}).get("device", "")) for i in invocations}
+    if not devices or any(not d.startswith("cpu") for d in devices):
+        raise SystemExit(f"{folder}: config.json predates train.tf32 and the run used "
+                         f"{sorted(devices)}, where TF32 may have been on; it cannot be grown "
+                         f"as the same study")
+    config["train"]["tf32"] = False
+    path.write_text(json.dumps(config, indent=2))
+
+
+def copy_study(source: Path, target: Path) -> None:
+    """Copy once; a target that exists is a copy being grown further (harness.run checks that
+    it is the same study)."""
+    if not target.exists():
+        shutil.copytree(source, target, ignore=COPY_IGNORE)
+    add_tf32_if_cpu_only(target)
+
+
+def grow(folder: Path, study: str, seed: int, trials: int) -> dict:
+    """harness.run's search stage on the copy, with the comparison's settings and more trials."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HARNESS_NO_PROGRESS": "1"}
+    config = json.loads((folder / "config.json").read_text())
+    cmd = [sys.executable, "-m", "harness.run", "--study", study, "--profile", "embedded",
+           "--set", f"seed={seed}", "--trials", str(trials),
+           "--reproductions", str(config["final"]["reproductions"]),
+           "--output", str(folder), "--device", "cpu", "--stage", "search"]
+    start = time.perf_counter()
+    with open(folder.parent / f"{study}.grow.log", "a") as log:
+        code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    seconds = round(time.perf_counter() - start, 1)
+    print(f"{'grown' if code == 0 else 'FAILED'} seed {seed} {study} to {trials} trials in "
+          f"{seconds:.0f} s (exit {code})", flush=True)
+    return {"seed": seed, "study": study, "exit": code, "seconds": seconds}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs=2, help="two seed folders of embedded_comparison.py run")
+    p.add_argument("--methods", required=True, help="comma-separated loss aliases")
+    p.add_argument("--trials", type=int, required=True, help="grow each search to this many")
+    p.add_argument("--out", required=True, help="folder for the copies and the analysis")
+    p.add_argument("--jobs", type=int, default=2, help="studies grown side by side")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    jobs = []
+    for run in map(Path, args.runs):
+        seed = json.loads((run / "comparison.json").read_text())["seed"]
+        for method in args.methods.split(","):
+            study = f"{method}_glyphs"
+            if not (run / study / "config.json").is_file():
+                raise SystemExit(f"{run / study}: no such study folder")
+            target = out / f"seed_{seed}" / study
+            copy_study(run / study, target)
+            jobs.append((target, study, seed))
+    with ThreadPoolExecutor(args.jobs) as pool:
+        grown = list(pool.map(lambda job: grow(*job, args.trials), jobs))
+    (out / "grown.json").write_text(json.dumps(grown, indent=2))
+    if any(g["exit"] for g in grown):
+        print(f"some studies failed: see {out}/*/*.grow.log", file=sys.stderr)
+        return 1
+    seeds = sorted({str(out / f"seed_{seed}") for _, _, seed in jobs})
+    return subprocess.call([sys.executable, str(REPO / "benchmarks" / "search_noise.py"),
+                            *seeds, "--jobs", str(args.jobs),
+                            "--out", str(out / "search_noise.md")], cwd=REPO)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""benchmarks/more_trials.py: copies are grown, never the originals; a folder from before
+train.tf32 is grown only when it ran on the CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import benchmark_script
+
+
+def study_folder(path, devices, tf32=None):
+    path.mkdir(parents=True)
+    train = {"lr": 0.001} if tf32 is None else {"lr": 0.001, "tf32": tf32}
+    (path / "config.json").write_text(json.dumps({"seed": 0, "train": train}))
+    (path / "provenance.json").write_text(json.dumps(
+        [{"hardware": {"device": d}} for d in devices]))
+    (path / ".lock").write_text("")
+    return path
+
+
+def test_a_cpu_run_from_before_tf32_is_copied_with_tf32_off(tmp_path):
+    source = study_folder(tmp_path / "src" / "m_glyphs", ["cpu", "cpu"])
+    target = tmp_path / "out" / "m_glyphs"
+    benchmark_script("more_trials").copy_study(source, target)
+    assert json.loads((target / "config.json").read_text())["train"]["tf32"] is False
+    assert "tf32" not in json.loads((source / "config.json").read_text())["train"]
+    assert not (target / ".lock").exists()  # the copy starts unlocked
+
+
+@pytest.mark.parametrize("devices", [["cpu", "cuda"], ["cuda:0"], []])
+def test_a_run_that_may_have_used_tf32_is_refused(tmp_path, devices):
+    source = study_folder(tmp_path / "src" / "m_glyphs", devices)
+    with pytest.raises(SystemExit, match="predates train.tf32"):
+        benchmark_script("more_trials").copy_study(source, tmp_path / "out" / "m_glyphs")
+
+
+def test_a_recorded_tf32_is_left_as_it_is(tmp_path):
+    source = study_folder(tmp_path / "src" / "m_glyphs", ["cuda"], tf32=True)
+    target = tmp_path / "out" / "m_glyphs"
+    benchmark_script("more_trials").copy_study(source, target)
+    assert json.loads((target / "config.json").read_text())["train"]["tf32"] is True
