@@ -57,15 +57,14 @@ def study_config(run_dir: Path):
     return cfg
 
 
-def trial_folders(run_dir: Path, study_name: str) -> dict[int, int]:
-    """Trial number -> the number of its folder trials/trial_NNNN: a trial retried after an
-    interruption trains (and keeps its models) in the folder of the trial it retries, whose
-    number it records as `seed_number` (harness/search.py)."""
+def study_trials(run_dir: Path, study_name: str) -> list:
+    """The trials in the folder's study database: the record of the search (search_summary.json
+    is written by the final step, so after a search grown with --stage search it is stale)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{run_dir / 'study.db'}")
-    return {t.number: int(t.user_attrs.get("seed_number", t.number)) for t in study.trials}
+    storage = f"sqlite:///{run_dir / 'study.db'}"
+    return optuna.load_study(study_name=study_name, storage=storage).get_trials(deepcopy=False)
 
 
 def trial_checkpoints(run_dir: Path, number: int, folder_number: int) -> list[Path]:
@@ -81,20 +80,21 @@ def trial_checkpoints(run_dir: Path, number: int, folder_number: int) -> list[Pa
 
 def plan_study(folder: Path) -> list[tuple[dict, list[Path] | None]]:
     """(row, fold checkpoints) for every finished trial of one study; checkpoints None for a
-    diverged trial (no models: its value, 0, is what the search saw). Stops with an error when
-    a trial's checkpoints are missing, before any model is embedded."""
-    summary = json.loads((folder / "search_summary.json").read_text())
-    seed = json.loads((folder / "config.json").read_text())["seed"]
-    folders = trial_folders(folder, summary["study"])
+    diverged trial (no models: its value, 0, is what the search saw). A trial retried after an
+    interruption keeps its models in the folder of the trial it retries, whose number it records
+    as `seed_number` (harness/search.py). Stops with an error when a trial's checkpoints are
+    missing, before any model is embedded."""
+    config = json.loads((folder / "config.json").read_text())
     plan = []
-    for trial in summary["trials"]:
-        value = trial.get("value")
-        if trial.get("state") != "COMPLETE" or value is None or not math.isfinite(value):
+    for trial in study_trials(folder, config["name"]):
+        value = trial.value
+        if trial.state.name != "COMPLETE" or value is None or not math.isfinite(value):
             continue
-        row = {"seed": seed, "study": folder.name, "trial": trial["number"],
-               "diverged": bool(trial.get("diverged")), "val_map_at_r": value}
+        row = {"seed": config["seed"], "study": folder.name, "trial": trial.number,
+               "diverged": bool(trial.user_attrs.get("diverged", False)), "val_map_at_r": value}
+        folder_number = int(trial.user_attrs.get("seed_number", trial.number))
         paths = None if row["diverged"] else \
-            trial_checkpoints(folder, trial["number"], folders[trial["number"]])
+            trial_checkpoints(folder, trial.number, folder_number)
         plan.append((row, paths))
     return plan
 
@@ -140,8 +140,9 @@ def check_against_rep0(folder: Path, best: int, rows: list[dict]) -> None:
 
 
 def study_folders(seed_dir: Path) -> list[Path]:
+    """The studies of a seed folder that reached their final step (they have a rep_00)."""
     return sorted(p for p in seed_dir.iterdir()
-                  if (p / "search_summary.json").is_file() and (p / "final").is_dir())
+                  if (p / "study.db").is_file() and (p / "final" / "best_trial.json").is_file())
 
 
 def best_of_first(trials: pd.DataFrame, k: int, by: str) -> float:

@@ -92,21 +92,40 @@ def test_a_retried_trial_is_read_from_the_folder_of_the_trial_it_retries(tmp_pat
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
+    (tmp_path / "config.json").write_text(json.dumps({"name": "m_glyphs", "seed": 1}))
     study = optuna.create_study(study_name="m_glyphs", direction="maximize",
                                 storage=f"sqlite:///{tmp_path / 'study.db'}")
     dist = {"lr": optuna.distributions.FloatDistribution(0.0, 1.0)}
-    for number, seed_number in [(0, 0), (1, 1), (2, 1), (3, 3)]:  # trial 2 retried trial 1
+    for number, seed_number in [(0, 0), (1, 1), (2, 1)]:  # trial 2 retried trial 1
         state = optuna.trial.TrialState.FAIL if number == 1 else optuna.trial.TrialState.COMPLETE
         study.add_trial(optuna.trial.create_trial(
             params={"lr": 0.1}, distributions=dist, state=state,
             value=None if number == 1 else 0.5, user_attrs={"seed_number": seed_number}))
-    assert script().trial_folders(tmp_path, "m_glyphs") == {0: 0, 1: 1, 2: 1, 3: 3}
-    for k in range(4):
-        fold = tmp_path / "trials" / "trial_0001" / f"fold_{k}"
-        fold.mkdir(parents=True)
-        (fold / "best.pt").write_bytes(b"")
-    paths = script().trial_checkpoints(tmp_path, 2, 1)
-    assert [p.parent.parent.name for p in paths] == ["trial_0001"] * 4
+    for trial in (0, 1):
+        for k in range(4):
+            fold = tmp_path / "trials" / f"trial_{trial:04d}" / f"fold_{k}"
+            fold.mkdir(parents=True)
+            (fold / "best.pt").write_bytes(b"")
+    plan = script().plan_study(tmp_path)
+    assert [(row["trial"], row["seed"]) for row, _ in plan] == [(0, 1), (2, 1)]  # not the FAIL
+    assert {p.parent.parent.name for p in plan[1][1]} == {"trial_0001"}
+
+
+def test_trials_come_from_the_study_database_not_a_stale_summary(tmp_path):
+    """A search grown with --stage search leaves search_summary.json as the final step wrote
+    it: the database holds the new trials."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    (tmp_path / "config.json").write_text(json.dumps({"name": "m_glyphs", "seed": 0}))
+    (tmp_path / "search_summary.json").write_text(json.dumps({"trials": [{"number": 0}]}))
+    study = optuna.create_study(study_name="m_glyphs", direction="maximize",
+                                storage=f"sqlite:///{tmp_path / 'study.db'}")
+    dist = {"lr": optuna.distributions.FloatDistribution(0.0, 1.0)}
+    for number in range(3):
+        study.add_trial(optuna.trial.create_trial(params={"lr": 0.1}, distributions=dist,
+                                                  value=0.5, user_attrs={"diverged": True}))
+    assert [row["trial"] for row, _ in script().plan_study(tmp_path)] == [0, 1, 2]
 
 
 @pytest.mark.slow
