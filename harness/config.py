@@ -32,6 +32,9 @@ from typing import Any
 from harness.errors import ConfigError
 
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
+# Run folders go under runs/ (git-ignored) unless --output says otherwise; results/ holds the
+# committed reference runs, each written there with an explicit --output (results/README.md).
+RUNS_DIR = STUDIES_DIR.parent / "runs"
 PROFILES_DIR = STUDIES_DIR / "profiles"
 
 

@@ -21,15 +21,13 @@ import time
 from pathlib import Path
 
 from harness import config as config_mod
-from harness.config import StudyConfig, load_study
+from harness.config import RUNS_DIR, StudyConfig, load_study
 from harness.errors import ConfigError, HarnessError
 from harness.provenance import provenance
 from harness.run_folder import (RESUMABLE_KEYS, check_output_dir, write_json_atomic,  # noqa: F401 (re-exported)
                                 check_same_study, check_study_database)
 
-# Run folders go under runs/ (git-ignored) unless --output says otherwise; results/ holds the
-# committed reference runs, each written there with an explicit --output (results/README.md).
-RUNS_DIR = config_mod.STUDIES_DIR.parent / "runs"
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m harness.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

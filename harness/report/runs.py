@@ -17,10 +17,10 @@ import pandas as pd
 
 from harness import aggregate
 from harness.aggregate import METRICS, MODES
+from harness.config import RUNS_DIR  # where harness.run writes by default
 from harness.errors import HarnessError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-RUNS_DIR = REPO_ROOT / "runs"  # where harness.run writes by default
 DEFAULT_OUT = RUNS_DIR / "report"
 
 
