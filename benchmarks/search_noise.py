@@ -39,6 +39,9 @@ import numpy as np
 import pandas as pd
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from benchmarks.embedded_comparison import markdown, seed_agreement  # noqa: E402
+from benchmarks.trial_agreement import complete_trials  # noqa: E402
 FOLDS = 4
 # rep_00's score was computed by the same code from the same checkpoints; float32 embedding
 # and metric code that is deterministic on one machine: an exact match is expected, the
@@ -55,16 +58,6 @@ def study_config(run_dir: Path):
     table = json.loads((run_dir / "config.json").read_text())
     apply_table(cfg, table, source=str(run_dir / "config.json"))
     return cfg
-
-
-def study_trials(run_dir: Path, study_name: str) -> list:
-    """The trials in the folder's study database: the record of the search (search_summary.json
-    is written by the final step, so after a search grown with --stage search it is stale)."""
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = f"sqlite:///{run_dir / 'study.db'}"
-    return optuna.load_study(study_name=study_name, storage=storage).get_trials(deepcopy=False)
 
 
 def trial_checkpoints(run_dir: Path, number: int, folder_number: int) -> list[Path]:
@@ -84,11 +77,13 @@ def plan_study(folder: Path) -> list[tuple[dict, list[Path] | None]]:
     interruption keeps its models in the folder of the trial it retries, whose number it records
     as `seed_number` (harness/search.py). Stops with an error when a trial's checkpoints are
     missing, before any model is embedded."""
+    # the trials of the study database, the record of the search: search_summary.json is written
+    # by the final step, so after a search grown with --stage search it is stale
     config = json.loads((folder / "config.json").read_text())
     plan = []
-    for trial in study_trials(folder, config["name"]):
+    for trial in complete_trials(folder).values():
         value = trial.value
-        if trial.state.name != "COMPLETE" or value is None or not math.isfinite(value):
+        if value is None or not math.isfinite(value):
             continue
         row = {"seed": config["seed"], "study": folder.name, "trial": trial.number,
                "diverged": bool(trial.user_attrs.get("diverged", False)), "val_map_at_r": value}
@@ -153,21 +148,24 @@ def best_of_first(trials: pd.DataFrame, k: int, by: str) -> float:
     return float(first.loc[first[by].idxmax(), "test_map_at_r"]) if len(first) else math.nan
 
 
+def picked(scores: pd.DataFrame, seeds: tuple[int, int], k: int, by: str
+           ) -> tuple[pd.Series, pd.Series]:
+    """Per method, each seed's test MAP@R of the best of its first k trials by `by`."""
+    a, b = (scores[scores.seed == s].groupby("method").apply(
+        best_of_first, k=k, by=by, include_groups=False) for s in seeds)
+    return a.align(b, join="inner")
+
+
 def selection_agreement(scores: pd.DataFrame, seeds: tuple[int, int], by: str,
                         ks: range) -> pd.DataFrame:
-    from scipy import stats
-
     rows = []
     for k in ks:
-        picked = {s: scores[scores.seed == s].groupby("method").apply(
-            best_of_first, k=k, by=by, include_groups=False) for s in seeds}
-        a, b = picked[seeds[0]].align(picked[seeds[1]], join="inner")
+        a, b = picked(scores, seeds, k, by)
         both = a.notna() & b.notna()  # a method whose first k trials all diverged drops out
-        a, b = a[both], b[both]
-        rho = stats.spearmanr(a, b)[0]
-        rows.append({"trials searched (k)": k, "methods": len(a),
-                     "Spearman between seeds": round(float(rho), 3),
-                     "mean abs gap between seeds": round(float((a - b).abs().mean()), 4)})
+        agree = seed_agreement(a[both], b[both])
+        rows.append({"trials searched (k)": k, "methods": int(both.sum()),
+                     "Spearman between seeds": agree["rho"],
+                     "mean abs gap between seeds": agree["mean_abs_gap"]})
     return pd.DataFrame(rows)
 
 
@@ -175,9 +173,8 @@ def gaps_by_method(scores: pd.DataFrame, seeds: tuple[int, int], ks: list[int]) 
     """|seed a - seed b| of each method's best-of-first-k test MAP@R (by validation), per k."""
     columns = {}
     for k in ks:
-        picked = [scores[scores.seed == s].groupby("method").apply(
-            best_of_first, k=k, by="val_map_at_r", include_groups=False) for s in seeds]
-        columns[f"k = {k}"] = (picked[0] - picked[1]).abs().round(4)
+        a, b = picked(scores, seeds, k, "val_map_at_r")
+        columns[f"k = {k}"] = (a - b).abs()
     return pd.DataFrame(columns).rename_axis("method").reset_index()
 
 
@@ -189,12 +186,12 @@ def within_method(scores: pd.DataFrame) -> pd.DataFrame:
         t = t[t["test_map_at_r"].notna()]  # diverged trials have no models
         best = t.loc[t["val_map_at_r"].idxmax()]
         rows.append({"method": method, "seed": seed, "trials": len(t),
-                     "rho(val, test)": round(float(stats.spearmanr(t["val_map_at_r"],
-                                                                   t["test_map_at_r"])[0]), 2),
-                     "test of val-best": round(float(best["test_map_at_r"]), 4),
-                     "best test": round(float(t["test_map_at_r"].max()), 4),
-                     "test spread (max - min)": round(float(t["test_map_at_r"].max()
-                                                            - t["test_map_at_r"].min()), 4)})
+                     "rho(val, test)": float(stats.spearmanr(t["val_map_at_r"],
+                                                             t["test_map_at_r"])[0]),
+                     "test of val-best": float(best["test_map_at_r"]),
+                     "best test": float(t["test_map_at_r"].max()),
+                     "test spread (max - min)": float(t["test_map_at_r"].max()
+                                                      - t["test_map_at_r"].min())})
     return pd.DataFrame(rows)
 
 
@@ -207,13 +204,6 @@ def retraining_noise(runs: list[Path]) -> float:
             frame = pd.read_csv(folder / "final" / "test_metrics.csv")
             stds.append(frame[frame["mode"] == "concatenated"]["map_at_r"].std())
     return float(np.median(stds))
-
-
-def markdown(frame: pd.DataFrame) -> str:
-    cols = list(frame.columns)
-    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(False)]
-    return "\n".join(lines)
 
 
 def report(scores: pd.DataFrame, runs: list[Path]) -> str:
