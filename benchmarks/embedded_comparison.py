@@ -124,9 +124,11 @@ def refuse_mixed_protocols(protocols: dict[str, dict], what: str) -> None:
                     f"with the same settings and trunk file.")
 
 
-def run_study(study: str, args, out: Path) -> dict:
+def run_study(study: str, args, out: Path, extra: tuple[str, ...] = ()) -> dict:
+    """harness.run on one study (`extra`: more arguments, e.g. --stage search), its output
+    appended to OUT/<study>.log."""
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HARNESS_NO_PROGRESS": "1"}
-    cmd = [sys.executable, "-m", "harness.run", *study_argv(study, args, out)]
+    cmd = [sys.executable, "-m", "harness.run", *study_argv(study, args, out), *extra]
     start = time.perf_counter()
     with open(out / f"{study}.log", "a") as log:
         code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)

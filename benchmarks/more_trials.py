@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from benchmarks.embedded_comparison import run_study  # noqa: E402
 COPY_IGNORE = shutil.ignore_patterns(".lock", "*.db.lock")  # a copy starts unlocked
 
 
@@ -57,20 +57,12 @@ def copy_study(source: Path, target: Path) -> None:
 
 
 def grow(folder: Path, study: str, seed: int, trials: int) -> dict:
-    """harness.run's search stage on the copy, with the comparison's settings and more trials."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HARNESS_NO_PROGRESS": "1"}
+    """harness.run's search stage on the copy: the comparison's own arguments (study_argv, so
+    that the copy resumes as the same study), with more trials."""
     config = json.loads((folder / "config.json").read_text())
-    cmd = [sys.executable, "-m", "harness.run", "--study", study, "--profile", "embedded",
-           "--set", f"seed={seed}", "--trials", str(trials),
-           "--reproductions", str(config["final"]["reproductions"]),
-           "--output", str(folder), "--device", "cpu", "--stage", "search"]
-    start = time.perf_counter()
-    with open(folder.parent / f"{study}.grow.log", "a") as log:
-        code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-    seconds = round(time.perf_counter() - start, 1)
-    print(f"{'grown' if code == 0 else 'FAILED'} seed {seed} {study} to {trials} trials in "
-          f"{seconds:.0f} s (exit {code})", flush=True)
-    return {"seed": seed, "study": study, "exit": code, "seconds": seconds}
+    args = argparse.Namespace(seed=seed, trials=trials, device="cpu", threads=1,
+                              reproductions=config["final"]["reproductions"])
+    return {"seed": seed, **run_study(study, args, folder.parent, extra=("--stage", "search"))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         grown = list(pool.map(lambda job: grow(*job, args.trials), jobs))
     (out / "grown.json").write_text(json.dumps(grown, indent=2))
     if any(g["exit"] for g in grown):
-        print(f"some studies failed: see {out}/*/*.grow.log", file=sys.stderr)
+        print(f"some studies failed: see {out}/seed_*/<study>.log", file=sys.stderr)
         return 1
     seeds = sorted({str(out / f"seed_{seed}") for _, _, seed in jobs})
     return subprocess.call([sys.executable, str(REPO / "benchmarks" / "search_noise.py"),

@@ -40,3 +40,22 @@ def test_a_recorded_tf32_is_left_as_it_is(tmp_path):
     target = tmp_path / "out" / "m_glyphs"
     benchmark_script("more_trials").copy_study(source, target)
     assert json.loads((target / "config.json").read_text())["train"]["tf32"] is True
+
+
+def test_a_copy_is_grown_with_the_comparisons_own_arguments(tmp_path, monkeypatch):
+    """The same arguments as embedded_comparison.py run (so the copy resumes as the same
+    study), more trials, the search stage only, in the copy's folder."""
+    module = benchmark_script("more_trials")
+    folder = tmp_path / "seed_1" / "m_glyphs"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"final": {"reproductions": 10}}))
+    calls = []
+    monkeypatch.setattr(module, "run_study", lambda study, args, out, extra: calls.append(
+        (study, args, out, extra)) or {"study": study, "exit": 0, "seconds": 1.0})
+    assert module.grow(folder, "m_glyphs", 1, 20) == {"seed": 1, "study": "m_glyphs",
+                                                      "exit": 0, "seconds": 1.0}
+    study, args, out, extra = calls[0]
+    argv = benchmark_script("embedded_comparison").study_argv(study, args, out)
+    assert argv[argv.index("--output") + 1] == str(folder)
+    assert argv[argv.index("--trials") + 1] == "20" and "seed=1" in argv
+    assert argv[argv.index("--reproductions") + 1] == "10" and extra == ("--stage", "search")
