@@ -38,8 +38,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from harness.progress import bar  # noqa: E402
-from harness.run_folder import (MISSING, config_differences, flat_config,  # noqa: E402
-                                is_setting)
+from harness.run_folder import config_differences, describe, flat_config  # noqa: E402
 
 
 def all_methods() -> list[str]:
@@ -98,12 +97,9 @@ def differences(a: dict, b: dict) -> list[str]:
     """'key: A vs B' for each key where two protocols differ, a setting that one study's
     config lacks (written by an older harness) included; an unrecorded trunk hash (None,
     studies run before it was recorded) is not a difference."""
-    def shown(key: str, value) -> str:
-        if value is not MISSING:
-            return repr(value)
-        return "absent (an older harness)" if is_setting(key) else "not set"
-
-    return [f"{k}: {shown(k, x)} vs {shown(k, y)}" for k, x, y in config_differences(a, b)
+    older = "absent (an older harness)"
+    return [f"{k}: {describe(k, x, older)} vs {describe(k, y, older)}"
+            for k, x, y in config_differences(a, b)
             if not (k == "trunk sha256" and None in (x, y))]
 
 

@@ -100,6 +100,14 @@ def is_setting(key: str) -> bool:
     return key.count(".") <= 1
 
 
+def describe(key: str, value: Any, absent: str) -> str:
+    """A value of config_differences as shown to a user: MISSING is `absent` for a schema field
+    (a harness version lacked it) and "not set" inside a dict-valued field (a loss parameter)."""
+    if value is not MISSING:
+        return repr(value)
+    return absent if is_setting(key) else "not set"
+
+
 def check_same_study(output: Path, cfg: StudyConfig) -> None:
     """Refuse to mix two different configurations in one folder (results would be wrong)."""
     path = output / "config.json"
@@ -109,14 +117,9 @@ def check_same_study(output: Path, cfg: StudyConfig) -> None:
     if not isinstance(old, dict):
         raise ConfigError(f"{path} is not valid JSON: this run folder is damaged; move it "
                           f"away or choose another --output")
-    def shown(key: str, value, absent: str) -> str:
-        if value is not MISSING:
-            return repr(value)
-        return absent if is_setting(key) else "not set"  # e.g. a loss parameter
-
     found = config_differences(flat_config(old), flat_config(cfg.to_dict()), RESUMABLE_KEYS)
-    diffs = [f"{key}: {shown(key, was, 'absent (written by an older harness)')} -> "
-             f"{shown(key, now, 'absent (not a setting of this harness)')}"
+    diffs = [f"{key}: {describe(key, was, 'absent (written by an older harness)')} -> "
+             f"{describe(key, now, 'absent (not a setting of this harness)')}"
              for key, was, now in found]
     if diffs:
         older = any(MISSING in (was, now) and is_setting(key) for key, was, now in found)
