@@ -1,0 +1,51 @@
+"""Which operation makes a diverging trial's fold go non-finite?
+
+    python benchmarks/find_divergence.py STUDY_DIR TRIAL FOLD [--device cuda] [--set ...]
+
+Trains the fold the way `retrain_trial.py` does (the study's config, the trial's parameters and
+fold seed; the same `--device` / `--set`), with PyTorch's autograd anomaly detection on: the
+first backward operation that returns a non-finite gradient stops the run, and its forward
+operation's stack is printed. It also records, after every backward pass, whether any gradient
+is non-finite and which parameters hold them. Anomaly detection slows training several times:
+for diagnosis only. Used on the SoftTriple trials that diverged on a GPU and not on the CPU
+(docs/embedded.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import retrain_trial  # noqa: E402  (a sibling script)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("study_dir", type=Path)
+    p.add_argument("trial", type=int)
+    p.add_argument("fold", type=int)
+    p.add_argument("--device")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = p.parse_args(argv)
+    import torch
+
+    overrides = args.overrides + ([f"train.device={args.device}"] if args.device else [])
+    torch.autograd.set_detect_anomaly(True, check_nan=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            retrain_trial.retrain(args.study_dir, args.trial, [args.fold], overrides, Path(tmp))
+        except RuntimeError as e:
+            print("ANOMALY:", str(e).splitlines()[0][:500])
+            traceback.print_exc(limit=3)
+            return 1
+    print("no non-finite gradient: the fold trained to its end (see the row above)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Train one search trial's folds again, e.g. on another device or at another precision, and
+set the new result beside the one the study recorded.
+
+    python benchmarks/retrain_trial.py STUDY_DIR TRIAL FOLD [FOLD ...] \
+        [--device cuda] [--set train.tf32=true] [--out DIR] [--json FILE]
+
+STUDY_DIR is a finished or running study folder (config.json, study.db, split_manifest.json).
+The fold is trained with the study's recorded config, the trial's parameters and the trial's
+fold seed, the way the search trained it; `--set` changes settings that do not change what is
+trained (the device, `train.tf32`, `train.eval_batch_size`), so a difference in the result is
+the device's or the precision's. The data must split exactly as the study's manifest says.
+Used to test whether TF32 made SoftTriple trials diverge on a GPU (it did not:
+docs/embedded.md). On the CPU, with the study's torch version and thread count (one per process
+in embedded_comparison: OMP_NUM_THREADS=1), it reproduces the recorded validation curve to the
+last bit (`same_curve`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+# What --set may change: how the fold computes, not what it trains.
+COMPUTE_KEYS = ("train.device", "train.tf32", "train.eval_batch_size")
+
+
+def recorded_config(study_dir: Path, overrides: list[str]):
+    """The study's config as its config.json records it, plus `overrides` (COMPUTE_KEYS only).
+    A config.json from before `train.tf32` existed gets the harness default (float32) and says
+    so: pass --set train.tf32=... to choose."""
+    from harness.config import StudyConfig, apply_table, parse_cli_value, set_value, validate
+    from harness.errors import HarnessError
+
+    path = study_dir / "config.json"
+    try:
+        table = json.loads(path.read_text())
+        cfg = StudyConfig()
+        apply_table(cfg, table, str(path))
+    except (OSError, ValueError, HarnessError) as e:
+        raise SystemExit(f"{path}: cannot read the study's config ({e})") from None
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or key not in COMPUTE_KEYS:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE with KEY one of "
+                             f"{', '.join(COMPUTE_KEYS)} (settings that change how a fold "
+                             f"computes, not what it trains)")
+        set_value(cfg, key, parse_cli_value(value))
+    validate(cfg)
+    return cfg, "tf32" not in table.get("train", {})
+
+
+def trial_record(study_dir: Path, number: int):
+    """The trial of that number in the study's study.db (any state: a diverged trial is
+    complete with value 0)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    db = study_dir / "study.db"
+    if not db.is_file():
+        raise SystemExit(f"{db}: no study database in {study_dir}")
+    storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    if len(names) != 1:
+        raise SystemExit(f"{db}: expected one study, found {names}")
+    trials = optuna.load_study(study_name=names[0], storage=storage).trials
+    matches = [t for t in trials if t.number == number]
+    if not matches:
+        raise SystemExit(f"{db}: no trial {number} (trials 0-{len(trials) - 1})")
+    return matches[0]
+
+
+def check_same_split(study_dir: Path, data) -> None:
+    """Refuse unless the data splits exactly as the study's split_manifest.json records."""
+    from harness.splits import write_manifest
+
+    recorded = study_dir / "split_manifest.json"
+    with tempfile.TemporaryDirectory() as tmp:
+        now = write_manifest(Path(tmp) / "m.json", data.records, data.split)
+    try:
+        then = json.loads(recorded.read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{recorded}: cannot read the study's split ({e})") from None
+    if json.loads(json.dumps(now, default=int)) != then:
+        raise SystemExit(f"{recorded}: the data here splits differently from the study's "
+                         f"(another data set version or root); the folds would not be the "
+                         f"same")
+
+
+def same_curve(recorded_history: Path, history: list[dict]) -> bool | None:
+    """Whether the new validation curve equals the recorded one (None: none recorded). On the
+    CPU with the study's thread count (one per process in embedded_comparison) it does."""
+    try:
+        then = json.loads(recorded_history.read_text())
+    except (OSError, ValueError):
+        return None
+    key = ("epoch", "map_at_r")
+    return [[row.get(k) for k in key] for row in then] == [[row[k] for k in key]
+                                                          for row in history]
+
+
+def retrain(study_dir: Path, number: int, folds: list[int], overrides: list[str],
+            out: Path) -> list[dict]:
+    import torch
+
+    from harness.data import prepare_data, resolve_device
+    from harness.search import config_for_params, fold_seed
+    from harness.train import train_fold
+
+    cfg, tf32_defaulted = recorded_config(study_dir, overrides)
+    if tf32_defaulted and not any(o.startswith("train.tf32=") for o in overrides):
+        print(f"note: {study_dir}/config.json predates train.tf32; training with "
+              f"tf32={cfg.train.tf32}", flush=True)
+    trial = trial_record(study_dir, number)
+    if not trial.params:
+        raise SystemExit(f"trial {number} of {study_dir} has no parameters (state "
+                         f"{trial.state.name})")
+    trial_cfg = config_for_params(cfg, trial.params)
+    seed_number = trial.user_attrs.get("seed_number", number)
+    recorded = trial.user_attrs.get("fold_results", {})
+    data = prepare_data(cfg)
+    check_same_split(study_dir, data)
+    device = resolve_device(cfg.train.device)
+    by_index = {f.index: f for f in data.split.folds}
+    rows = []
+    for index in folds:
+        if index not in by_index:
+            raise SystemExit(f"fold {index}: the study has folds {sorted(by_index)}")
+        seed = fold_seed(cfg, seed_number, index)
+        began = time.perf_counter()
+        result = train_fold(trial_cfg, data, by_index[index], device, seed=seed,
+                            run_dir=out / f"trial_{seed_number:04d}" / f"fold_{index}",
+                            desc=f"trial {number} fold {index}")
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        then = recorded.get(str(index))
+        history = study_dir / "trials" / f"trial_{seed_number:04d}" / f"fold_{index}" / \
+            "history.json"
+        rows.append({
+            "study": cfg.name, "trial": number, "fold": index, "device": str(device),
+            "tf32": cfg.train.tf32, "stop": result.stop_reason,
+            "map_at_r": round(result.best_map_at_r, 4), "best_epoch": result.best_epoch,
+            "epochs": result.epochs_trained,
+            "recorded_stop": then["stop"] if then else None,
+            "recorded_map_at_r": round(then["map_at_r"], 4) if then else None,
+            "recorded_epochs": then["epochs"] if then else None,
+            # True: every validation of the recorded curve reproduced to the last bit.
+            "same_curve": same_curve(history, result.history),
+            "torch_threads": torch.get_num_threads(),
+            "seconds": round(time.perf_counter() - began, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("study_dir", type=Path)
+    p.add_argument("trial", type=int)
+    p.add_argument("folds", type=int, nargs="+")
+    p.add_argument("--device", help="shorthand for --set train.device=DEVICE")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help=f"one of {', '.join(COMPUTE_KEYS)}")
+    p.add_argument("--out", type=Path, help="where the fold folders go (default: a temporary "
+                   "folder, removed afterwards)")
+    p.add_argument("--json", type=Path, help="also write the rows to this file")
+    args = p.parse_args(argv)
+    overrides = args.overrides + ([f"train.device={args.device}"] if args.device else [])
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = retrain(args.study_dir, args.trial, args.folds, overrides, args.out or Path(tmp))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

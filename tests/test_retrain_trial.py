@@ -1,0 +1,101 @@
+"""benchmarks/retrain_trial.py: a search trial's fold trained again from the study folder gives the
+recorded result (same config, parameters and fold seed); settings that would change what is
+trained, another data split and unknown trials are refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from harness.run import main
+from conftest import benchmark_script, write_study
+
+
+def script():
+    return benchmark_script("retrain_trial")
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory, glyph_root):
+    tmp = tmp_path_factory.mktemp("retrain")
+    study = write_study(tmp, glyph_root, iters=4)
+    out = tmp / "tiny_glyphs"
+    assert main(["--study", str(study), "--output", str(out), "--device", "cpu",
+                 "--stage", "search"]) == 0
+    return out
+
+
+def test_a_fold_trained_again_reproduces_its_recorded_curve(searched, tmp_path):
+    rows = script().retrain(searched, 1, [0, 2], [], tmp_path)
+    assert [r["fold"] for r in rows] == [0, 2]
+    for row in rows:
+        assert row["same_curve"] is True
+        assert row["map_at_r"] == row["recorded_map_at_r"]
+        assert row["stop"] == row["recorded_stop"] and row["epochs"] == row["recorded_epochs"]
+    # It trained in its own folder, not the study's.
+    assert (tmp_path / "trial_0001" / "fold_0" / "history.json").is_file()
+
+
+def test_a_changed_history_is_not_called_the_same(searched, tmp_path):
+    history = searched / "trials" / "trial_0000" / "fold_1" / "history.json"
+    saved = history.read_text()
+    rows = json.loads(saved)
+    rows[-1]["map_at_r"] += 1e-6
+    history.write_text(json.dumps(rows))
+    try:
+        (row,) = script().retrain(searched, 0, [1], [], tmp_path)
+    finally:
+        history.write_text(saved)
+    assert row["same_curve"] is False
+
+
+@pytest.mark.parametrize("override", ["train.lr=0.1", "loss.margin=0.2", "seed=3", "train.tf32"])
+def test_settings_that_change_what_is_trained_are_refused(searched, tmp_path, override):
+    with pytest.raises(SystemExit, match="settings that change how a fold computes"):
+        script().retrain(searched, 0, [0], [override], tmp_path)
+
+
+def test_another_split_or_trial_or_fold_is_refused(searched, tmp_path):
+    with pytest.raises(SystemExit, match="no trial 7"):
+        script().retrain(searched, 7, [0], [], tmp_path)
+    with pytest.raises(SystemExit, match="the study has folds"):
+        script().retrain(searched, 0, [9], [], tmp_path)
+    manifest = searched / "split_manifest.json"
+    saved = manifest.read_text()
+    changed = json.loads(saved)
+    changed["folds"][0]["val_classes"] = changed["folds"][0]["val_classes"][::-1]
+    manifest.write_text(json.dumps(changed))
+    try:
+        with pytest.raises(SystemExit, match="splits differently"):
+            script().retrain(searched, 0, [0], [], tmp_path)
+    finally:
+        manifest.write_text(saved)
+
+
+@pytest.fixture(scope="module")
+def searched_soft_triple(tmp_path_factory, glyph_root):
+    tmp = tmp_path_factory.mktemp("retrain_st")
+    study = write_study(tmp, glyph_root, loss="soft_triple", iters=4)
+    out = tmp / "tiny_glyphs"
+    assert main(["--study", str(study), "--output", str(out), "--device", "cpu",
+                 "--stage", "search", "--set", "loss.reg_weight=0.5"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("clamp", ["torch", "harness"])
+def test_center_gradients_are_watched_every_step(searched_soft_triple, capsys, clamp):
+    diagnose = benchmark_script("softtriple_center_grads")
+    assert diagnose.main([str(searched_soft_triple), "0", "1", "--clamp", clamp]) == 0
+    out = capsys.readouterr().out
+    (row,) = [json.loads(line) for line in out.splitlines() if line.startswith('{"study"')]
+    # One regulariser call per training step: 2 epochs of 4 iterations, unless it stopped early.
+    steps = row["epochs"] * 4 if row["stop"] != "diverged" else None
+    summary = out.strip().splitlines()[-1]
+    assert summary.startswith(f"steps {steps}" if steps else "steps ")
+    assert row["same_curve"] is True  # watching changes nothing the fold computes
+
+
+def test_find_divergence_reports_a_fold_that_trains_to_its_end(searched_soft_triple, capsys):
+    assert benchmark_script("find_divergence").main([str(searched_soft_triple), "1", "0"]) == 0
+    assert "no non-finite gradient" in capsys.readouterr().out
