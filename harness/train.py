@@ -89,9 +89,8 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float, momentum: 
 def use_float32_precision(cfg: StudyConfig) -> None:
     """Float32 means float32 on CUDA too (PROTOCOL.md: "Float32 throughout"), unless
     `train.tf32` opts in: PyTorch lets cuDNN compute float32 convolutions in TF32 by default.
-    With TF32 on, three SoftTriple trials diverged on an H100 and not on the CPU with the same
-    seed and parameters (TF32 the likely cause; docs/embedded.md). Process-wide flags, so what
-    trains (build_fold_modules) and what embeds set them from its config."""
+    Process-wide flags, so what trains (build_fold_modules) and what embeds set them from its
+    config."""
     torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
     torch.backends.cudnn.allow_tf32 = cfg.train.tf32
 

@@ -9,6 +9,16 @@ alone for SOP's 11,318 classes x 10 centers. This one computes the C blocks of K
 with one batched matmul: O(C K^2) memory, and any number of classes (so it also works on a
 weight matrix that Proxy Synthesis enlarged).
 
+The gradient at an exact collapse (2 <w^_ck, w^_ck'> rounds to 2, square root's argument 0) is
+stated here, not left to torch.clamp: PyTorch gave clamp the subgradient 1 at its bound until
+2026 (pytorch/pytorch#184574, #191142) and 0 since (torch 2.14.1, the version pinned here), and
+with 1 the square root's infinite derivative turns into NaN weights. Same-class centers collapse
+often (what the regulariser pulls them towards): on the glyph data, SoftTriple trial 1 of the
+embedded comparison had a pair at exactly 2 in 398 of its 480 steps; with torch 2.11 it diverged
+at step 73 on a GPU, with 2.14.1 it trained on. So this computes torch 2.14.1's gradient (0 at
+and above the bound) on every torch version, and results do not depend on which one is
+installed (docs/embedded.md, "SoftTriple and the clamp's subgradient").
+
 Input: the (C*K, D) centers in pml SoftTripleLoss's class-major order (row c*K + k), i.e. what
 SoftTripleLoss passes to its weight regulariser (`fc.t()`). pml's weight_reg_weight multiplies it
 (MLRC's SoftTriple `reg_weight`, official tau = 0.2).
@@ -46,7 +56,11 @@ class SparseCentersRegularizer(BaseRegularizer):
         iu = torch.triu_indices(k, k, offset=1, device=weights.device)
         same_class = sims[:, iu[0], iu[1]].reshape(-1)
         small_val = c_f.small_val(weights.dtype)
-        reg = torch.sqrt(2.0 + small_val - torch.clamp(2.0 * same_class, max=2))
+        two_cos = 2.0 * same_class
+        # clamp(max=2) with the subgradient 0 at the bound whatever the torch version (module
+        # docstring); NaN propagates as through clamp.
+        clamped = torch.where(two_cos < 2.0, two_cos, torch.clamp(two_cos, max=2).detach())
+        reg = torch.sqrt(2.0 + small_val - clamped)
         return {
             "loss": {
                 "losses": reg,

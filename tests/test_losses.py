@@ -207,6 +207,58 @@ def test_sparse_centers_regularizer_reference():
     assert_close(SparseCentersRegularizer(K)(w), total / (C * K * (K - 1)), torch.float64)
 
 
+class _ClampWithSubgradientOne(torch.autograd.Function):
+    """torch.clamp(x, max=m) as PyTorch differentiated it before 2026: gradient 1 at the bound
+    (pytorch/pytorch#184574)."""
+
+    @staticmethod
+    def forward(ctx, x, bound):
+        ctx.save_for_backward(x)
+        ctx.bound = bound
+        return x.clamp(max=bound)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return torch.where(x <= ctx.bound, grad, torch.zeros_like(grad)), None
+
+
+@pytest.mark.parametrize("clamp_subgradient_at_bound", [0, 1])
+def test_sparse_centers_regulariser_survives_collapsed_centers(monkeypatch,
+                                                               clamp_subgradient_at_bound):
+    """Two same-class centers equal to the last bit (2 cos = 2 exactly, the square root's
+    argument 0): the gradient is finite and the collapsed pair contributes none of it, whichever
+    subgradient the installed torch gives clamp at its bound (1 before 2026, 0 since)."""
+    C, K, D = 2, 3, 4
+    w = torch.randn(C * K, D, generator=torch.Generator().manual_seed(2))
+    # Class 0: centers 0 and 1 collapsed onto an axis, so that every way of normalising and
+    # multiplying gives 2 cos = 2 exactly (the case that made NaN on torch 2.11).
+    w[0] = w[1] = torch.tensor([3.0, 0.0, 0.0, 0.0])
+    if clamp_subgradient_at_bound:
+        real_clamp = torch.clamp
+
+        def clamp(t, min=None, max=None):
+            if min is None and max is not None and t.requires_grad:
+                return _ClampWithSubgradientOne.apply(t, max)
+            return real_clamp(t, min=min, max=max)
+
+        monkeypatch.setattr(torch, "clamp", clamp)
+    w1 = w.clone().requires_grad_()
+    SparseCentersRegularizer(K)(w1).backward()
+    assert torch.isfinite(w1.grad).all()
+    # Reference: the same sum without the collapsed pair (its derivative taken as 0), float64.
+    w64 = w.double().requires_grad_()
+    total = 0.0
+    for c in range(C):
+        for a in range(K):
+            for b in range(a + 1, K):
+                if (c, a, b) != (0, 0, 1):
+                    s = torch.dot(unit(w64[c * K + a]), unit(w64[c * K + b]))
+                    total = total + torch.sqrt(2.0 - 2.0 * s)
+    (total / (C * K * (K - 1))).backward()
+    assert_close(w1.grad.double(), w64.grad, torch.float32)
+
+
 def test_soft_triple_reg_weight_adds_weighted_regulariser():
     C, D = 10, 16
     labels = m_per_class_labels([0, 1, 2], 4)
