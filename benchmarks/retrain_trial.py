@@ -2,13 +2,16 @@
 set the new result beside the one the study recorded.
 
     python benchmarks/retrain_trial.py STUDY_DIR TRIAL FOLD [FOLD ...] \
-        [--device cuda] [--set train.tf32=true] [--out DIR] [--json FILE]
+        [--device cuda] [--set train.tf32=true] [--max-epochs N] [--out DIR] [--json FILE]
 
 STUDY_DIR is a finished or running study folder (config.json, study.db, split_manifest.json).
 The fold is trained with the study's recorded config, the trial's parameters and the trial's
 fold seed, the way the search trained it; `--set` changes settings that do not change what is
 trained (the device, `train.tf32`, `train.eval_batch_size`), so a difference in the result is
 the device's or the precision's. The data must split exactly as the study's manifest says.
+`--max-epochs N` (at least the study's cap) trains past the cap: the recorded validations must
+come back first (`same_curve` then compares them with the new curve's start), and what follows
+is what the cap cut off.
 Used to test whether TF32 made SoftTriple trials diverge on a GPU (it did not:
 docs/embedded.md). On the CPU, with the study's torch version and thread count (one per process
 in embedded_comparison: OMP_NUM_THREADS=1), it reproduces the recorded validation curve to the
@@ -93,20 +96,22 @@ def check_same_split(study_dir: Path, data) -> None:
                          f"same")
 
 
-def same_curve(recorded_history: Path, history: list[dict]) -> bool | None:
-    """Whether the new validation curve equals the recorded one (None: none recorded). On the
-    CPU with the study's thread count (one per process in embedded_comparison) it does."""
+def same_curve(recorded_history: Path, history: list[dict], extended: bool = False
+               ) -> bool | None:
+    """Whether the new validation curve equals the recorded one (None: none recorded); with
+    `extended` (trained past the recorded cap), whether it starts with it. On the CPU with the
+    study's thread count (one per process in embedded_comparison) it does."""
     try:
         then = json.loads(recorded_history.read_text())
     except (OSError, ValueError):
         return None
     key = ("epoch", "map_at_r")
-    return [[row.get(k) for k in key] for row in then] == [[row[k] for k in key]
-                                                          for row in history]
+    new = [[row[k] for k in key] for row in history]
+    return [[row.get(k) for k in key] for row in then] == (new[:len(then)] if extended else new)
 
 
 def retrain(study_dir: Path, number: int, folds: list[int], overrides: list[str],
-            out: Path) -> list[dict]:
+            out: Path, max_epochs: int | None = None) -> list[dict]:
     import torch
 
     from harness.data import prepare_data, resolve_device
@@ -117,6 +122,12 @@ def retrain(study_dir: Path, number: int, folds: list[int], overrides: list[str]
     if tf32_defaulted and not any(o.startswith("train.tf32=") for o in overrides):
         print(f"note: {study_dir}/config.json predates train.tf32; training with "
               f"tf32={cfg.train.tf32}", flush=True)
+    recorded_cap = cfg.train.max_epochs
+    if max_epochs is not None:
+        if max_epochs < recorded_cap:
+            raise SystemExit(f"--max-epochs {max_epochs}: below the study's cap "
+                             f"({recorded_cap}); only training past it is comparable")
+        cfg.train.max_epochs = max_epochs
     trial = trial_record(study_dir, number)
     if not trial.params:
         raise SystemExit(f"trial {number} of {study_dir} has no parameters (state "
@@ -151,7 +162,9 @@ def retrain(study_dir: Path, number: int, folds: list[int], overrides: list[str]
             "recorded_map_at_r": round(then["map_at_r"], 4) if then else None,
             "recorded_epochs": then["epochs"] if then else None,
             # True: every validation of the recorded curve reproduced to the last bit.
-            "same_curve": same_curve(history, result.history),
+            "same_curve": same_curve(history, result.history,
+                                     extended=cfg.train.max_epochs > recorded_cap),
+            "max_epochs": cfg.train.max_epochs, "recorded_max_epochs": recorded_cap,
             "torch_threads": torch.get_num_threads(),
             "seconds": round(time.perf_counter() - began, 1)})
         print(json.dumps(rows[-1]), flush=True)
@@ -167,13 +180,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", help="shorthand for --set train.device=DEVICE")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE", help=f"one of {', '.join(COMPUTE_KEYS)}")
+    p.add_argument("--max-epochs", type=int, help="train past the study's cap (at least it)")
     p.add_argument("--out", type=Path, help="where the fold folders go (default: a temporary "
                    "folder, removed afterwards)")
     p.add_argument("--json", type=Path, help="also write the rows to this file")
     args = p.parse_args(argv)
     overrides = args.overrides + ([f"train.device={args.device}"] if args.device else [])
     with tempfile.TemporaryDirectory() as tmp:
-        rows = retrain(args.study_dir, args.trial, args.folds, overrides, args.out or Path(tmp))
+        rows = retrain(args.study_dir, args.trial, args.folds, overrides, args.out or Path(tmp),
+                       args.max_epochs)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
     return 0

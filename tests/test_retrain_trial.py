@@ -99,3 +99,13 @@ def test_center_gradients_are_watched_every_step(searched_soft_triple, capsys, c
 def test_find_divergence_reports_a_fold_that_trains_to_its_end(searched_soft_triple, capsys):
     assert benchmark_script("find_divergence").main([str(searched_soft_triple), "1", "0"]) == 0
     assert "no non-finite gradient" in capsys.readouterr().out
+
+
+def test_training_past_the_cap_starts_with_the_recorded_curve(searched, tmp_path):
+    (row,) = script().retrain(searched, 1, [3], [], tmp_path, max_epochs=4)
+    assert row["max_epochs"] == 4 and row["recorded_max_epochs"] == 2
+    assert row["same_curve"] is True  # its first two validations are the recorded ones
+    history = json.loads((tmp_path / "trial_0001" / "fold_3" / "history.json").read_text())
+    assert [h["epoch"] for h in history][:2] == [1, 2] and len(history) > 2
+    with pytest.raises(SystemExit, match="below the study's cap"):
+        script().retrain(searched, 1, [3], [], tmp_path, max_epochs=1)
