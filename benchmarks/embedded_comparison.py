@@ -71,18 +71,24 @@ def study_argv(study: str, args, out: Path) -> list[str]:
 PER_METHOD_KEYS = ("name", "description", "loss")
 
 
-def protocol(config: dict, trunk_sha256: str | None, also_ignore: tuple = ()) -> dict:
-    """A study's config without its method, plus the trunk file it started from: what every
-    study in one table (or, less the seed, in both seeds) must share."""
+def protocol(config: dict, trunk_sha256: str | None, also_ignore: tuple = (),
+             libraries: str | None = None) -> dict:
+    """A study's config without its method, plus the trunk file it started from and the torch
+    and pml versions it ran with (`harness.provenance.numeric_versions`; a SoftTriple run
+    differs between torch 2.11 and 2.14): what every study in one table (or, less the seed, in
+    both seeds) must share."""
     ignore = PER_METHOD_KEYS + also_ignore
     kept = {k: v for k, v in flat_config(config).items() if k.split(".")[0] not in ignore}
-    return {**kept, "trunk sha256": trunk_sha256}
+    return {**kept, "trunk sha256": trunk_sha256, "libraries": libraries}
 
 
 def recorded_protocol(run_dir: Path, also_ignore: tuple = ()) -> dict:
-    """The protocol a finished study folder records: config.json, and the trunk hash of its
-    last invocation's provenance.json (None where it predates recording it). Both files are
-    untrusted: unreadable ones are a clear refusal."""
+    """The protocol a finished study folder records: config.json, the trunk hash of its last
+    invocation's provenance.json (None where it predates recording it) and the torch/pml
+    versions of all its invocations (more than one: joined with ' + ', which matches no single
+    version). Both files are untrusted: unreadable ones are a clear refusal."""
+    from harness.provenance import recorded_numeric_versions
+
     try:
         config = json.loads((run_dir / "config.json").read_text())
         invocations = json.loads((run_dir / "provenance.json").read_text())
@@ -90,17 +96,18 @@ def recorded_protocol(run_dir: Path, also_ignore: tuple = ()) -> dict:
     except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
         raise SystemExit(f"{run_dir}: config.json/provenance.json unreadable ({e!r}); it cannot "
                          f"be compared with the other studies") from None
-    return protocol(config, trunk, also_ignore)
+    libraries = " + ".join(recorded_numeric_versions(invocations)) or None
+    return protocol(config, trunk, also_ignore, libraries)
 
 
 def differences(a: dict, b: dict) -> list[str]:
     """'key: A vs B' for each key where two protocols differ, a setting that one study's
-    config lacks (written by an older harness) included; an unrecorded trunk hash (None,
-    studies run before it was recorded) is not a difference."""
+    config lacks (written by an older harness) included; an unrecorded trunk hash or library
+    version (None: not recorded) is not a difference."""
     older = "absent (an older harness)"
     return [f"{k}: {describe(k, x, older)} vs {describe(k, y, older)}"
             for k, x, y in config_differences(a, b)
-            if not (k == "trunk sha256" and None in (x, y))]
+            if not (k in ("trunk sha256", "libraries") and None in (x, y))]
 
 
 def refuse_mixed_protocols(protocols: dict[str, dict], what: str) -> None:
@@ -216,8 +223,10 @@ def check_extends_alike(out: Path, record: dict, studies: list[str], args, trunk
     (the config less the method, and the trunk file), or refuse. Otherwise a changed profile
     or a rebuilt trunk would slip into one table with the earlier batches' studies."""
     from harness.errors import HarnessError
+    from harness.provenance import library_versions, numeric_versions
     from harness.run import parse_args, resolve_config
 
+    libraries = numeric_versions(library_versions())
     protocols = {s: recorded_protocol(out / s) for s in succeeded_studies(out, record)}
     for study in studies:
         try:
@@ -226,7 +235,7 @@ def check_extends_alike(out: Path, record: dict, studies: list[str], args, trunk
                 resolve_config(parse_args(study_argv(study, args, out))).to_dict()))
         except HarnessError as e:
             raise SystemExit(f"{study}: {e}") from None
-        protocols[f"{study} (to run now)"] = protocol(config, trunk)
+        protocols[f"{study} (to run now)"] = protocol(config, trunk, libraries=libraries)
     refuse_mixed_protocols(protocols, str(out))
 
 

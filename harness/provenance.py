@@ -45,6 +45,28 @@ def library_versions() -> dict:
     return versions
 
 
+# The libraries whose version changes what a run computes: between torch 2.11 and 2.14,
+# torch.clamp's gradient at its bound went from 1 to 0, and SoftTriple trials that diverged
+# under one trained on under the other (docs/embedded.md). Runs that mix them are called out.
+NUMERIC_PACKAGES = ("torch", "pytorch-metric-learning")
+
+
+def numeric_versions(versions: dict) -> str:
+    """'torch 2.14.1, pytorch-metric-learning 2.9.0' from a provenance record's versions."""
+    return ", ".join(f"{name} {versions.get(name, '?')}" for name in NUMERIC_PACKAGES)
+
+
+def recorded_numeric_versions(invocations) -> list[str]:
+    """The distinct numeric_versions of a provenance.json's invocations, in order of first use
+    (entries without versions, or not records at all, are skipped: the file is untrusted)."""
+    seen: list[str] = []
+    for inv in invocations if isinstance(invocations, list) else []:
+        versions = inv.get("versions") if isinstance(inv, dict) else None
+        if isinstance(versions, dict) and numeric_versions(versions) not in seen:
+            seen.append(numeric_versions(versions))
+    return seen
+
+
 def hardware(device: torch.device | None = None) -> dict:
     import torch
 

@@ -25,7 +25,7 @@ from harness.config import RUNS_DIR, StudyConfig, load_study
 from harness.errors import ConfigError, HarnessError
 from harness.provenance import provenance
 from harness.run_folder import (RESUMABLE_KEYS, check_output_dir, write_json_atomic,  # noqa: F401 (re-exported)
-                                check_same_study, check_study_database)
+                                check_same_study, check_study_database, read_json)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -242,9 +242,34 @@ def output_lock(output: Path):
 
 def _log_invocation(output: Path, device, storage: str, trunk_weights: dict | None) -> None:
     path = output / "provenance.json"
-    runs = json.loads(path.read_text()) if path.exists() else []
-    runs.append(provenance(device, storage=storage, trunk_weights=trunk_weights))
+    runs = read_json(path) if path.exists() else []
+    if not isinstance(runs, list):
+        raise HarnessError(f"{path}: not the harness's record of this folder's invocations (a "
+                           f"JSON list); it is damaged or foreign. Move it aside to go on: the "
+                           f"folder's results do not depend on it.")
+    record = provenance(device, storage=storage, trunk_weights=trunk_weights)
+    note = mixed_versions_note(output, runs, record["versions"])
+    if note:
+        print(note, flush=True)
+    runs.append(record)
     write_json_atomic(path, runs)
+
+
+def mixed_versions_note(output: Path, earlier: list, versions: dict) -> str:
+    """A warning when this invocation's torch or pml differs from the folder's earlier ones:
+    its trials and runs may then differ numerically from theirs (docs/embedded.md, "SoftTriple
+    and the clamp's subgradient"). Not a refusal: upgrading is legitimate, mixing silently is
+    not."""
+    from harness.provenance import numeric_versions, recorded_numeric_versions
+
+    before = recorded_numeric_versions(earlier)
+    now = numeric_versions(versions)
+    if not before or before == [now]:
+        return ""
+    return (f"note: {output} was run before with {' and with '.join(before)}; this invocation "
+            f"runs {now}. Its new trials and runs may differ numerically from the earlier ones "
+            f"(a torch upgrade changed SoftTriple's gradients: docs/embedded.md). For one "
+            f"table, finish a study with one version, or start it again in a new --output.")
 
 
 def _trunk_weights(cfg: StudyConfig) -> dict | None:

@@ -194,13 +194,17 @@ def planned_config(study: str, seed: int = 0, out=None) -> dict:
     return json.loads(json.dumps(resolve_config(parse_args(argv)).to_dict()))
 
 
-def write_finished_study(out, study: str, config: dict, trunk: str | None) -> None:
-    """A study folder as a finished run leaves it, as far as the protocol check reads it."""
+def write_finished_study(out, study: str, config: dict, trunk: str | None,
+                         torch_versions: tuple[str, ...] = ()) -> None:
+    """A study folder as a finished run leaves it, as far as the protocol check reads it: one
+    invocation per torch version given (none: a record without versions)."""
     (out / study / "final").mkdir(parents=True)
     (out / study / "final" / "summary.json").write_text("{}")
     (out / study / "config.json").write_text(json.dumps(config))
     weights = {"trunk_weights": {"file": "t.pt", "sha256": trunk}} if trunk else {}
-    (out / study / "provenance.json").write_text(json.dumps([{"command": "x", **weights}]))
+    invocations = [{"command": "x", "versions": {"torch": v, "pytorch-metric-learning": "2.9.0"},
+                    **weights} for v in torch_versions] or [{"command": "x", **weights}]
+    (out / study / "provenance.json").write_text(json.dumps(invocations))
 
 
 def folder_with(tmp_path, config: dict, trunk: str | None):
@@ -277,6 +281,29 @@ def test_spearman_refuses_seeds_run_under_different_protocols(tmp_path):
     config["train"]["max_epochs"] = 50  # the seeds now differ in the seed only: compared
     (tmp_path / "s1" / "cosface_glyphs" / "config.json").write_text(json.dumps(config))
     assert driver().main(argv) == 0
+
+
+@pytest.mark.parametrize("versions_1, refused", [
+    (("2.14.1",), False),
+    ((), False),  # a study from before versions were recorded: nothing to compare
+    (("2.11.0",), True),  # SoftTriple's gradients differ between these (docs/embedded.md)
+    (("2.14.1", "2.11.0"), True),  # one study finished under another torch
+])
+def test_spearman_refuses_seeds_run_with_other_torch_versions(tmp_path, versions_1, refused):
+    for seed, versions in ((0, ("2.14.1",)), (1, versions_1)):
+        run = tmp_path / f"s{seed}"
+        write_comparison(run, seed, {"cosface_glyphs": 0.5, "proxy_anchor_glyphs": 0.4})
+        for study in ("cosface_glyphs", "proxy_anchor_glyphs"):
+            write_finished_study(run, study, planned_config(study, seed=seed), TRUNK,
+                                 versions if study == "cosface_glyphs" else ("2.14.1",))
+    argv = ["spearman", str(tmp_path / "s0"), str(tmp_path / "s1"),
+            "--out", str(tmp_path / "seeds.md")]
+    if not refused:
+        assert driver().main(argv) == 0
+        return
+    with pytest.raises(SystemExit, match="s1/cosface_glyphs.*libraries: 'torch 2.14.1, "
+                                         "pytorch-metric-learning 2.9.0' vs 'torch "):
+        driver().main(argv)
 
 
 @pytest.mark.parametrize("damaged", ["config.json", "provenance.json"])
