@@ -13,7 +13,6 @@ for diagnosis only. Used on the SoftTriple trials that diverged on a GPU and not
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import traceback
@@ -24,21 +23,14 @@ import retrain_trial  # noqa: E402  (a sibling script)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("study_dir", type=Path)
-    p.add_argument("trial", type=int)
-    p.add_argument("fold", type=int)
-    p.add_argument("--device")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = p.parse_args(argv)
+    args = retrain_trial.trial_parser(__doc__, many_folds=False).parse_args(argv)
     import torch
 
-    overrides = args.overrides + ([f"train.device={args.device}"] if args.device else [])
     torch.autograd.set_detect_anomaly(True, check_nan=True)
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            retrain_trial.retrain(args.study_dir, args.trial, [args.fold], overrides, Path(tmp))
+            retrain_trial.retrain(args.study_dir, args.trial, [args.fold],
+                                  retrain_trial.overrides(args), Path(tmp))
         except RuntimeError as e:
             print("ANOMALY:", str(e).splitlines()[0][:500])
             traceback.print_exc(limit=3)

@@ -171,24 +171,38 @@ def retrain(study_dir: Path, number: int, folds: list[int], overrides: list[str]
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
+def trial_parser(doc: str, many_folds: bool = True) -> argparse.ArgumentParser:
+    """STUDY_DIR TRIAL FOLD(S) [--device] [--set]: the arguments of this script and of the
+    diagnoses that train a trial's fold the same way (find_divergence, softtriple_center_grads);
+    `overrides(args)` turns them into retrain's overrides."""
+    p = argparse.ArgumentParser(description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study_dir", type=Path)
     p.add_argument("trial", type=int)
-    p.add_argument("folds", type=int, nargs="+")
+    if many_folds:
+        p.add_argument("folds", type=int, nargs="+")
+    else:
+        p.add_argument("fold", type=int)
     p.add_argument("--device", help="shorthand for --set train.device=DEVICE")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE", help=f"one of {', '.join(COMPUTE_KEYS)}")
+    return p
+
+
+def overrides(args: argparse.Namespace) -> list[str]:
+    return args.overrides + ([f"train.device={args.device}"] if args.device else [])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = trial_parser(__doc__)
     p.add_argument("--max-epochs", type=int, help="train past the study's cap (at least it)")
     p.add_argument("--out", type=Path, help="where the fold folders go (default: a temporary "
                    "folder, removed afterwards)")
     p.add_argument("--json", type=Path, help="also write the rows to this file")
     args = p.parse_args(argv)
-    overrides = args.overrides + ([f"train.device={args.device}"] if args.device else [])
     with tempfile.TemporaryDirectory() as tmp:
-        rows = retrain(args.study_dir, args.trial, args.folds, overrides, args.out or Path(tmp),
-                       args.max_epochs)
+        rows = retrain(args.study_dir, args.trial, args.folds, overrides(args),
+                       args.out or Path(tmp), args.max_epochs)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
     return 0

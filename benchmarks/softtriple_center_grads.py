@@ -15,7 +15,6 @@ any gradient is non-finite, up to the first NaN, and a summary.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -59,20 +58,14 @@ def watch_regulariser(log: list[dict], clamp: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("study_dir", type=Path)
-    p.add_argument("trial", type=int)
-    p.add_argument("fold", type=int)
-    p.add_argument("--device")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p = retrain_trial.trial_parser(__doc__, many_folds=False)
     p.add_argument("--clamp", choices=("torch", "harness"), default="torch")
     args = p.parse_args(argv)
     log: list[dict] = []
     watch_regulariser(log, args.clamp)
-    overrides = args.overrides + ([f"train.device={args.device}"] if args.device else [])
     with tempfile.TemporaryDirectory() as tmp:
-        retrain_trial.retrain(args.study_dir, args.trial, [args.fold], overrides, Path(tmp))
+        retrain_trial.retrain(args.study_dir, args.trial, [args.fold],
+                              retrain_trial.overrides(args), Path(tmp))
     bad = [r for r in log if any(inf or nan for inf, nan in r["grads"].values())]
     for row in bad:
         print(json.dumps(row))
