@@ -220,8 +220,9 @@ def succeeded_studies(out: Path, record: dict) -> list[str]:
 
 def check_extends_alike(out: Path, record: dict, studies: list[str], args, trunk: str) -> None:
     """Before any training: the studies this invocation will run share the folder's protocol
-    (the config less the method, and the trunk file), or refuse. Otherwise a changed profile
-    or a rebuilt trunk would slip into one table with the earlier batches' studies."""
+    (the config less the method, the trunk file, and the torch and pml versions), or refuse.
+    Otherwise a changed profile, a rebuilt trunk or another torch would slip into one table
+    with the earlier batches' studies."""
     from harness.errors import HarnessError
     from harness.provenance import library_versions, numeric_versions
     from harness.run import parse_args, resolve_config

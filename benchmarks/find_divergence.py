@@ -26,8 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     args = retrain_trial.trial_parser(__doc__, many_folds=False).parse_args(argv)
     import torch
 
-    torch.autograd.set_detect_anomaly(True, check_nan=True)
-    with tempfile.TemporaryDirectory() as tmp:
+    # Scoped: a caller in the same process (a test) gets normal autograd back.
+    with tempfile.TemporaryDirectory() as tmp, torch.autograd.detect_anomaly(check_nan=True):
         try:
             retrain_trial.retrain(args.study_dir, args.trial, [args.fold],
                                   retrain_trial.overrides(args), Path(tmp))

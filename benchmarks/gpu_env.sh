@@ -28,5 +28,5 @@ export PYTHONUNBUFFERED=1 HARNESS_NO_PROGRESS=1
 import harness.run, losses
 print('torch', torch.__version__, 'tv', torchvision.__version__, 'optuna', optuna.__version__,
       'pml', p.__version__, 'cuda', torch.cuda.is_available())"; } 2>&1 | tee "$OUT/env.txt"
-sha256sum "${HARNESS_CACHE:-$HOME/.cache}"/glyph_trunk/*.pt | tee -a "$OUT/env.txt"
+sha256sum "${HARNESS_CACHE:-$HOME/.cache/harness}"/glyph_trunk/*.pt | tee -a "$OUT/env.txt"
 python3 -c "import torch, harness.run; assert torch.cuda.is_available()" || return 1

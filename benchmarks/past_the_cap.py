@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import zipfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -34,33 +35,46 @@ import pandas as pd
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from benchmarks.retrain_trial import (check_same_split, recorded_config,  # noqa: E402
-                                      same_curve, trial_record)
-
-FOLDS = 4
-# The recorded concatenated MAP@R recomputed from the recorded embeddings by the same code on
-# the same machine: exact; the tolerance only absorbs another BLAS's summation order.
-RECOMPUTE_TOLERANCE = 1e-6
+                                      refuse_unfinished, same_curve, trial_record)
+# The recorded concatenated MAP@R recomputed from the recorded embeddings by the same code: the
+# tolerance search_noise uses for the same check.
+from benchmarks.search_noise import REP0_TOLERANCE as RECOMPUTE_TOLERANCE  # noqa: E402
+from harness.splits import NUM_FOLDS  # noqa: E402
 
 
 def load_embeddings(path: Path) -> dict[str, np.ndarray]:
     """A fold's recorded test embeddings (arrays only: no pickle from a run folder)."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise SystemExit(f"{path}: cannot read the fold's test embeddings ({e}); they are "
                          f"written by the final step and not committed") from None
+    if not {"query_emb", "query_labels"} <= set(arrays):
+        raise SystemExit(f"{path}: not a fold's test embeddings (no query_emb/query_labels)")
+    return arrays
+
+
+def record(path: Path, *keys: str) -> dict:
+    """A JSON object from a run folder holding `keys`, or a clear refusal (files in a run
+    folder are untrusted)."""
+    from harness.run_folder import read_json
+
+    obj = read_json(path)
+    if not isinstance(obj, dict) or any(k not in obj for k in keys):
+        raise SystemExit(f"{path}: missing, unreadable or without {', '.join(keys)}")
+    return obj
 
 
 def fold_plan(folder: Path, rep: int, best: dict) -> list[dict]:
     """The 4 folds of run `rep`: source, seed, whether the cap ended them, recorded curve."""
     from harness.seeds import reproduction_fold_seed, trial_fold_seed
 
-    cfg_seed = json.loads((folder / "config.json").read_text())["seed"]
+    cfg_seed = record(folder / "config.json", "seed")["seed"]
     rep_dir = folder / "final" / f"rep_{rep:02d}"
     plan = []
-    for k in range(FOLDS):
-        result = json.loads((rep_dir / f"fold_{k}" / "result.json").read_text())
+    for k in range(NUM_FOLDS):
+        result = record(rep_dir / f"fold_{k}" / "result.json", "source", "stop")
         source = result["source"]
         if source == "retrained":
             seed = reproduction_fold_seed(cfg_seed, rep, k)
@@ -69,7 +83,11 @@ def fold_plan(folder: Path, rep: int, best: dict) -> list[dict]:
             seed = trial_fold_seed(cfg_seed, best["seed_number"], k)
             if source == "best_trial":
                 trial = trial_record(folder, best["trial"])
-                stop = trial.user_attrs["fold_results"][str(k)]["stop"]
+                done = trial.user_attrs.get("fold_results")
+                if not (isinstance(done, dict) and isinstance(done.get(str(k)), dict)):
+                    raise SystemExit(f"{folder}: trial {best['trial']} records no result of "
+                                     f"fold {k} in study.db")
+                stop = done[str(k)].get("stop")
                 history = (folder / "trials" / f"trial_{best['seed_number']:04d}" / f"fold_{k}"
                            / "history.json")
             else:
@@ -94,7 +112,7 @@ def extend_run(folder: str, rep: int, max_epochs: int, out: str, threads: int = 
     torch.set_num_threads(threads)
     study = Path(folder)
     cfg, _ = recorded_config(study, [])
-    best = json.loads((study / "final" / "best_trial.json").read_text())
+    best = record(study / "final" / "best_trial.json", "trial", "seed_number", "params")
     best_cfg = config_for_params(cfg, best["params"])
     old_cap = best_cfg.train.max_epochs
     if max_epochs <= old_cap:
@@ -105,8 +123,8 @@ def extend_run(folder: str, rep: int, max_epochs: int, out: str, threads: int = 
     cpu = torch.device("cpu")
     plan = fold_plan(study, rep, best)
     recorded = [load_embeddings(f["embeddings"]) for f in plan]
-    concatenated = json.loads((study / "final" / f"rep_{rep:02d}" /
-                               "concatenated.json").read_text())["map_at_r"]
+    concatenated = record(study / "final" / f"rep_{rep:02d}" / "concatenated.json",
+                          "map_at_r")["map_at_r"]
     before = test_metrics(concatenate(recorded), cpu)["map_at_r"]
     if abs(before - concatenated) > RECOMPUTE_TOLERANCE:
         raise SystemExit(f"{study} run {rep}: the recorded embeddings score {before}, "
@@ -118,6 +136,7 @@ def extend_run(folder: str, rep: int, max_epochs: int, out: str, threads: int = 
             continue
         run_dir = Path(out) / study.parent.name / study.name / f"rep_{rep:02d}" / \
             f"fold_{f['fold']}"
+        refuse_unfinished(run_dir)
         result = train_fold(best_cfg, data, folds[f["fold"]], cpu, seed=f["seed"],
                             run_dir=run_dir, desc=f"rep {rep} fold {f['fold']}")
         if same_curve(f["history"], result.history, extended=True) is not True:
@@ -136,6 +155,50 @@ def extend_run(folder: str, rep: int, max_epochs: int, out: str, threads: int = 
             "test_map_at_r_past_cap": after}
 
 
+def fold_rows(studies: list[Path], work: Path) -> pd.DataFrame:
+    """One row per capped fold: its recorded best validation MAP@R and epoch, and those of its
+    training past the cap (from WORK, where extend_run trained it), with the epoch it stopped."""
+    rows = []
+    for study in studies:
+        best = record(study / "final" / "best_trial.json", "trial", "seed_number", "params")
+        cap = record(study / "config.json", "train")["train"].get("max_epochs")
+        for rep in final_runs(study):
+            for f in fold_plan(study, rep, best):
+                if not f["capped"]:
+                    continue
+                path = (work / study.parent.name / study.name / f"rep_{rep:02d}" /
+                        f"fold_{f['fold']}" / "history.json")
+                then, now = record_list(f["history"]), record_list(path)
+                b0 = max(then, key=lambda h: h["map_at_r"])
+                b1 = max(now, key=lambda h: h["map_at_r"])
+                rows.append({"seed_dir": study.parent.name, "study": study.name,
+                             "reproduction": rep, "fold": f["fold"], "cap": cap,
+                             "best_epoch": b0["epoch"], "val_map_at_r": b0["map_at_r"],
+                             "best_epoch_past_cap": b1["epoch"],
+                             "val_map_at_r_past_cap": b1["map_at_r"],
+                             "stopped_at": max(h["epoch"] for h in now)})
+    return pd.DataFrame(rows)
+
+
+def record_list(path: Path) -> list[dict]:
+    """A validation history (a JSON list of rows with epoch and map_at_r), or a refusal."""
+    from harness.run_folder import read_json
+
+    rows = read_json(path)
+    if not (isinstance(rows, list) and rows and all(
+            isinstance(r, dict) and {"epoch", "map_at_r"} <= set(r) for r in rows)):
+        raise SystemExit(f"{path}: missing or not a validation history (run the extension "
+                         f"first, with the same --work)")
+    return rows
+
+
+def final_runs(study: Path) -> list[int]:
+    reps = sorted(int(d.name[4:]) for d in (study / "final").glob("rep_[0-9][0-9]"))
+    if not reps:
+        raise SystemExit(f"{study}: no final runs (final/rep_NN)")
+    return reps
+
+
 def summary(frame: pd.DataFrame) -> pd.DataFrame:
     by = frame.groupby(["seed_dir", "study"])
     table = by.agg(runs=("reproduction", "count"), capped_folds=("capped_folds", "sum"),
@@ -143,6 +206,21 @@ def summary(frame: pd.DataFrame) -> pd.DataFrame:
                    test_map_at_r_past_cap=("test_map_at_r_past_cap", "mean")).reset_index()
     table["change"] = table["test_map_at_r_past_cap"] - table["test_map_at_r"]
     return table
+
+
+def folds_summary(folds: pd.DataFrame, max_epochs: int) -> str:
+    """How the capped folds ended when trained on (the per-fold rows are in OUT_folds.csv)."""
+    if folds.empty:
+        return ""
+    stopped = folds["stopped_at"]
+    better = folds["best_epoch_past_cap"] > folds["cap"]
+    gain = folds["val_map_at_r_past_cap"] - folds["val_map_at_r"]
+    return (f"\nThe {len(folds)} capped folds, trained on: early stopping ended "
+            f"{int((stopped < max_epochs).sum())} before the new cap of {max_epochs} epochs "
+            f"(at epoch {int(stopped.min())}-{int(stopped.max())}, median "
+            f"{stopped.median():g}); {int(better.sum())} found a better model after the old "
+            f"cap (validation MAP@R up by {gain[better].median():.4f} median, "
+            f"{gain.max():.4f} at most).\n")
 
 
 def seeds_agreement(table: pd.DataFrame) -> str:
@@ -169,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("studies", type=Path, nargs="+")
-    p.add_argument("--max-epochs", type=int, default=150)
+    p.add_argument("--max-epochs", type=int, required=True,
+                   help="the new cap (with --report-only: the one the rows were made with)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("runs/past_the_cap.csv"))
     p.add_argument("--work", type=Path, default=Path("runs/past_the_cap"),
@@ -177,17 +256,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per process: those the studies trained with")
     p.add_argument("--report-only", action="store_true",
-                   help="write OUT's .md from OUT (the rows of an earlier run) only")
+                   help="write the per-fold rows and the .md from OUT (the rows of an earlier "
+                        "run) and WORK (its folds) only")
     args = p.parse_args(argv)
     if args.report_only:
         write_report(pd.read_csv(args.out), args)
         return 0
-    units = []
-    for study in args.studies:
-        reps = sorted(int(d.name[4:]) for d in (study / "final").glob("rep_[0-9][0-9]"))
-        if not reps:
-            raise SystemExit(f"{study}: no final runs (final/rep_NN)")
-        units += [(str(study), rep) for rep in reps]
+    units = [(str(study), rep) for study in args.studies for rep in final_runs(study)]
     from harness.progress import bar
 
     n = len(units)
@@ -206,8 +281,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_report(frame: pd.DataFrame, args) -> None:
+    """OUT's .md, and OUT's per-fold rows (OUT_folds.csv) from the extended folds in WORK."""
     from benchmarks.embedded_comparison import markdown
 
+    folds = fold_rows(args.studies, args.work)
+    folds.to_csv(args.out.with_name(args.out.stem + "_folds.csv"), index=False)
     table = summary(frame)
     folders = sorted(frame["seed_dir"].unique())
     text = (f"# Past the cap: the final folds the cap ended, trained on to at most "
@@ -216,7 +294,7 @@ def write_report(frame: pd.DataFrame, args) -> None:
             f"{args.max_epochs}`\n\n"
             f"Mean concatenated test MAP@R over the runs, as recorded and with the capped "
             f"folds trained past the cap:\n\n" + markdown(table.round(4)) + "\n"
-            + seeds_agreement(table))
+            + seeds_agreement(table) + folds_summary(folds, args.max_epochs))
     args.out.with_suffix(".md").write_text(text)
     print(text)
 

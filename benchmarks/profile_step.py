@@ -1,5 +1,5 @@
-"""Where the time of an embedded training step goes (issue #12: on a GPU one embedded study
-trains only about 67 iterations per second).
+"""Where the time of an embedded training step goes (issue #12: on an H100 one embedded study
+trains only about 110 iterations per second, results/bench/gpu_step_h100/).
 
     python benchmarks/profile_step.py [--study proxy_anchor_glyphs] [--device cuda] \
         [--iters 200] [--top 25]

@@ -40,14 +40,17 @@ def recorded_config(study_dir: Path, overrides: list[str]):
     so: pass --set train.tf32=... to choose."""
     from harness.config import StudyConfig, apply_table, parse_cli_value, set_value, validate
     from harness.errors import HarnessError
+    from harness.run_folder import read_json
 
     path = study_dir / "config.json"
+    table = read_json(path)
+    if not isinstance(table, dict):
+        raise SystemExit(f"{path}: missing, unreadable or not a study config (a JSON object)")
     try:
-        table = json.loads(path.read_text())
         cfg = StudyConfig()
         apply_table(cfg, table, str(path))
-    except (OSError, ValueError, HarnessError) as e:
-        raise SystemExit(f"{path}: cannot read the study's config ({e})") from None
+    except HarnessError as e:
+        raise SystemExit(f"{path}: not a config this harness can run ({e})") from None
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or key not in COMPUTE_KEYS:
@@ -64,19 +67,14 @@ def trial_record(study_dir: Path, number: int):
     complete with value 0)."""
     import optuna
 
+    from benchmarks.trial_agreement import study_trials
+
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    db = study_dir / "study.db"
-    if not db.is_file():
-        raise SystemExit(f"{db}: no study database in {study_dir}")
-    storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
-    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-    if len(names) != 1:
-        raise SystemExit(f"{db}: expected one study, found {names}")
-    trials = optuna.load_study(study_name=names[0], storage=storage).trials
-    matches = [t for t in trials if t.number == number]
-    if not matches:
-        raise SystemExit(f"{db}: no trial {number} (trials 0-{len(trials) - 1})")
-    return matches[0]
+    trials = study_trials(study_dir)
+    if number not in trials:
+        raise SystemExit(f"{study_dir / 'study.db'}: no trial {number} (trials 0-"
+                         f"{len(trials) - 1})")
+    return trials[number]
 
 
 def check_same_split(study_dir: Path, data) -> None:
@@ -101,13 +99,23 @@ def same_curve(recorded_history: Path, history: list[dict], extended: bool = Fal
     """Whether the new validation curve equals the recorded one (None: none recorded); with
     `extended` (trained past the recorded cap), whether it starts with it. On the CPU with the
     study's thread count (one per process in embedded_comparison) it does."""
-    try:
-        then = json.loads(recorded_history.read_text())
-    except (OSError, ValueError):
-        return None
+    from harness.run_folder import read_json
+
+    then = read_json(recorded_history)
+    if not (isinstance(then, list) and then and all(isinstance(row, dict) for row in then)):
+        return None  # nothing recorded to compare with (or not a history)
     key = ("epoch", "map_at_r")
     new = [[row[k] for k in key] for row in history]
     return [[row.get(k) for k in key] for row in then] == (new[:len(then)] if extended else new)
+
+
+def refuse_unfinished(run_dir: Path) -> None:
+    """train_fold resumes a fold folder's last.pt: one left by an earlier, interrupted
+    invocation (perhaps with another device, precision or cap) would mix two trainings in one
+    row. Refused; a finished folder (no last.pt) is trained again from the start."""
+    if (run_dir / "last.pt").exists():
+        raise SystemExit(f"{run_dir}: holds an interrupted earlier training (last.pt); delete "
+                         f"the folder or give another output folder")
 
 
 def retrain(study_dir: Path, number: int, folds: list[int], overrides: list[str],
@@ -134,7 +142,8 @@ def retrain(study_dir: Path, number: int, folds: list[int], overrides: list[str]
                          f"{trial.state.name})")
     trial_cfg = config_for_params(cfg, trial.params)
     seed_number = trial.user_attrs.get("seed_number", number)
-    recorded = trial.user_attrs.get("fold_results", {})
+    recorded = trial.user_attrs.get("fold_results")
+    recorded = recorded if isinstance(recorded, dict) else {}
     data = prepare_data(cfg)
     check_same_split(study_dir, data)
     device = resolve_device(cfg.train.device)
@@ -145,12 +154,14 @@ def retrain(study_dir: Path, number: int, folds: list[int], overrides: list[str]
             raise SystemExit(f"fold {index}: the study has folds {sorted(by_index)}")
         seed = fold_seed(cfg, seed_number, index)
         began = time.perf_counter()
+        run_dir = out / f"trial_{seed_number:04d}" / f"fold_{index}"
+        refuse_unfinished(run_dir)
         result = train_fold(trial_cfg, data, by_index[index], device, seed=seed,
-                            run_dir=out / f"trial_{seed_number:04d}" / f"fold_{index}",
-                            desc=f"trial {number} fold {index}")
+                            run_dir=run_dir, desc=f"trial {number} fold {index}")
         if device.type == "cuda":
             torch.cuda.synchronize()
         then = recorded.get(str(index))
+        then = then if isinstance(then, dict) else {}
         history = study_dir / "trials" / f"trial_{seed_number:04d}" / f"fold_{index}" / \
             "history.json"
         rows.append({
@@ -158,9 +169,10 @@ def retrain(study_dir: Path, number: int, folds: list[int], overrides: list[str]
             "tf32": cfg.train.tf32, "stop": result.stop_reason,
             "map_at_r": round(result.best_map_at_r, 4), "best_epoch": result.best_epoch,
             "epochs": result.epochs_trained,
-            "recorded_stop": then["stop"] if then else None,
-            "recorded_map_at_r": round(then["map_at_r"], 4) if then else None,
-            "recorded_epochs": then["epochs"] if then else None,
+            "recorded_stop": then.get("stop"),
+            "recorded_map_at_r": round(then["map_at_r"], 4) if isinstance(
+                then.get("map_at_r"), (int, float)) else None,
+            "recorded_epochs": then.get("epochs"),
             # True: every validation of the recorded curve reproduced to the last bit.
             "same_curve": same_curve(history, result.history,
                                      extended=cfg.train.max_epochs > recorded_cap),

@@ -41,23 +41,13 @@ import pandas as pd
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from benchmarks.embedded_comparison import markdown, seed_agreement  # noqa: E402
+from benchmarks.retrain_trial import recorded_config  # noqa: E402
 from benchmarks.trial_agreement import complete_trials  # noqa: E402
 FOLDS = 4
 # rep_00's score was computed by the same code from the same checkpoints; float32 embedding
 # and metric code that is deterministic on one machine: an exact match is expected, the
 # tolerance only absorbs a different BLAS summation order on another machine.
 REP0_TOLERANCE = 1e-6
-
-
-def study_config(run_dir: Path):
-    """The StudyConfig a finished run folder recorded (config.json), type-checked as a study file
-    would be."""
-    from harness.config import StudyConfig, apply_table
-
-    cfg = StudyConfig()
-    table = json.loads((run_dir / "config.json").read_text())
-    apply_table(cfg, table, source=str(run_dir / "config.json"))
-    return cfg
 
 
 def trial_checkpoints(run_dir: Path, number: int, folder_number: int) -> list[Path]:
@@ -105,7 +95,7 @@ def score_study(run_dir: str) -> list[dict]:
 
     torch.set_num_threads(1)
     folder = Path(run_dir)
-    cfg = study_config(folder)
+    cfg, _ = recorded_config(folder, [])
     data = prepare_data(cfg)
     cpu = torch.device("cpu")
     rows = []

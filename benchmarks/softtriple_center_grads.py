@@ -26,8 +26,9 @@ import retrain_trial  # noqa: E402  (a sibling script)
 WATCHED = ("weights", "centers", "sims", "2cos", "clamped", "arg")
 
 
-def watch_regulariser(log: list[dict], clamp: str) -> None:
-    """Replace SparseCentersRegularizer.compute_loss by a copy of it that hooks its tensors."""
+def watch_regulariser(log: list[dict], clamp: str):
+    """Replace SparseCentersRegularizer.compute_loss by a copy of it that hooks its tensors;
+    returns the original, for the caller to put back."""
     import torch
     from pytorch_metric_learning.utils import common_functions as c_f
 
@@ -54,18 +55,25 @@ def watch_regulariser(log: list[dict], clamp: str) -> None:
         return {"loss": {"losses": reg, "indices": c_f.torch_arange_from_size(reg),
                          "reduction_type": "element", "divisor": 2 * reg.numel()}}
 
+    original = SparseCentersRegularizer.compute_loss
     SparseCentersRegularizer.compute_loss = compute_loss
+    return original
 
 
 def main(argv: list[str] | None = None) -> int:
     p = retrain_trial.trial_parser(__doc__, many_folds=False)
     p.add_argument("--clamp", choices=("torch", "harness"), default="torch")
     args = p.parse_args(argv)
+    from losses.sparse_centers_regularizer import SparseCentersRegularizer
+
     log: list[dict] = []
-    watch_regulariser(log, args.clamp)
-    with tempfile.TemporaryDirectory() as tmp:
-        retrain_trial.retrain(args.study_dir, args.trial, [args.fold],
-                              retrain_trial.overrides(args), Path(tmp))
+    original = watch_regulariser(log, args.clamp)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            retrain_trial.retrain(args.study_dir, args.trial, [args.fold],
+                                  retrain_trial.overrides(args), Path(tmp))
+    finally:  # a caller in the same process (a test) gets the real regulariser back
+        SparseCentersRegularizer.compute_loss = original
     bad = [r for r in log if any(inf or nan for inf, nan in r["grads"].values())]
     for row in bad:
         print(json.dumps(row))

@@ -19,13 +19,21 @@ from pathlib import Path
 import optuna
 
 
-def complete_trials(study_dir: Path) -> dict[int, optuna.trial.FrozenTrial]:
-    storage = optuna.storages.RDBStorage(f"sqlite:///{study_dir / 'study.db'}")
+def study_trials(study_dir: Path) -> dict[int, optuna.trial.FrozenTrial]:
+    """Every trial of the one study in STUDY_DIR/study.db, by number, in any state."""
+    db = study_dir / "study.db"
+    if not db.is_file():
+        raise SystemExit(f"{db}: no study database in {study_dir}")
+    storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
     names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
     if len(names) != 1:
-        raise SystemExit(f"{study_dir / 'study.db'}: expected one study, found {names}")
-    study = optuna.load_study(study_name=names[0], storage=storage)
-    return {t.number: t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE}
+        raise SystemExit(f"{db}: expected one study, found {names}")
+    return {t.number: t for t in optuna.load_study(study_name=names[0], storage=storage).trials}
+
+
+def complete_trials(study_dir: Path) -> dict[int, optuna.trial.FrozenTrial]:
+    return {n: t for n, t in study_trials(study_dir).items()
+            if t.state == optuna.trial.TrialState.COMPLETE}
 
 
 def compare(run_a: Path, run_b: Path) -> dict:

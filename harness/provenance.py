@@ -52,8 +52,11 @@ NUMERIC_PACKAGES = ("torch", "pytorch-metric-learning")
 
 
 def numeric_versions(versions: dict) -> str:
-    """'torch 2.14.1, pytorch-metric-learning 2.9.0' from a provenance record's versions."""
-    return ", ".join(f"{name} {versions.get(name, '?')}" for name in NUMERIC_PACKAGES)
+    """'torch 2.14.1, pytorch-metric-learning 2.9.0' from a provenance record's versions. A
+    local build label (torch's '+cu130', '+cpu') is left out: the same release computes the
+    same on the CPU whichever build it is."""
+    return ", ".join(f"{name} {str(versions.get(name, '?')).split('+')[0]}"
+                     for name in NUMERIC_PACKAGES)
 
 
 def recorded_numeric_versions(invocations) -> list[str]:

@@ -37,17 +37,48 @@ def test_capped_folds_train_on_and_every_run_is_rescored(finished, tmp_path):
     rows = pd.read_csv(out)
     assert list(rows["reproduction"]) == [0, 1]
     assert list(rows["capped_folds"]) == [4, 4]
+    assert list(rows["epochs_added"]) == [8, 8]  # patience 5: each fold trains on to epoch 4
     for _, row in rows.iterrows():
         recorded = json.loads((finished / "final" / f"rep_{row['reproduction']:02d}" /
                                "concatenated.json").read_text())["map_at_r"]
         assert row["test_map_at_r"] == pytest.approx(recorded, abs=1e-6)
-        if row["epochs_added"] == 0:  # no fold improved or trained on: the same models
-            assert row["test_map_at_r_past_cap"] == row["test_map_at_r"]
-    # The extended folds trained in --work, up to the new cap at most.
-    histories = list((tmp_path / "work").rglob("history.json"))
-    assert len(histories) == 8
-    assert all(max(h["epoch"] for h in json.loads(p.read_text())) <= 4 for p in histories)
-    assert "past_cap" in out.with_suffix(".md").read_text()
+    # The past-cap score is that of the extended folds' best models, concatenated.
+    assert rows["test_map_at_r_past_cap"][1] == pytest.approx(
+        rescored(finished, tmp_path / "work" / "seed_0" / "tiny_glyphs" / "rep_01"), abs=1e-6)
+    folds = pd.read_csv(tmp_path / "cap_folds.csv")
+    assert len(folds) == 8 and set(folds["stopped_at"]) == {4} and set(folds["cap"]) == {2}
+    assert "early stopping ended 0 before the new cap" in out.with_suffix(".md").read_text()
+
+
+def rescored(study, rep_work) -> float:
+    """Concatenated test MAP@R of the 4 best.pt files in REP_WORK, computed here."""
+    from harness.data import prepare_data
+    from harness.final import concatenate, embed_test_set, test_metrics
+    from harness.search import config_for_params
+    from harness.train import load_best_model
+
+    cfg, _ = benchmark_script("retrain_trial").recorded_config(study, [])
+    best = json.loads((study / "final" / "best_trial.json").read_text())
+    cfg = config_for_params(cfg, best["params"])
+    data, cpu = prepare_data(cfg), torch.device("cpu")
+    embeddings = [embed_test_set(cfg, load_best_model(cfg, rep_work / f"fold_{k}" / "best.pt",
+                                                      cpu), data, cpu) for k in range(4)]
+    return test_metrics(concatenate(embeddings), cpu)["map_at_r"]
+
+
+def test_damaged_embeddings_or_an_interrupted_work_folder_are_refused(finished, tmp_path):
+    copy = tmp_path / "seed_0" / "tiny_glyphs"
+    shutil.copytree(finished, copy)
+    npz = copy / "final" / "rep_01" / "fold_3" / "test_embeddings.npz"
+    npz.write_bytes(npz.read_bytes()[:100])
+    with pytest.raises(SystemExit, match="cannot read the fold's test embeddings"):
+        script().extend_run(str(copy), 1, 4, str(tmp_path / "work"), torch.get_num_threads())
+    shutil.copy(finished / "final" / "rep_01" / "fold_3" / "test_embeddings.npz", npz)
+    unfinished = tmp_path / "work" / "seed_0" / "tiny_glyphs" / "rep_01" / "fold_0"
+    unfinished.mkdir(parents=True)
+    (unfinished / "last.pt").write_bytes(b"")
+    with pytest.raises(SystemExit, match="interrupted earlier training"):
+        script().extend_run(str(copy), 1, 4, str(tmp_path / "work"), torch.get_num_threads())
 
 
 def test_a_fold_that_does_not_retrace_its_curve_stops_the_script(finished, tmp_path):

@@ -19,6 +19,7 @@ NEW = {"torch": "2.14.1", "pytorch-metric-learning": "2.9.0"}
 @pytest.mark.parametrize("earlier, noted", [
     ([], False),  # a new folder
     ([{"versions": NEW}], False),
+    ([{"versions": {**NEW, "torch": "2.14.1+cu130"}}], False),  # another build, same release
     ([{"versions": OLD}], True),
     ([{"versions": NEW}, {"versions": OLD}], True),
     ([{"command": "x"}, "not a record"], False),  # nothing recorded to compare with

@@ -5,6 +5,8 @@ trained, another data split and unknown trials are refused."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
 
 import pytest
 
@@ -89,16 +91,40 @@ def test_center_gradients_are_watched_every_step(searched_soft_triple, capsys, c
     assert diagnose.main([str(searched_soft_triple), "0", "1", "--clamp", clamp]) == 0
     out = capsys.readouterr().out
     (row,) = [json.loads(line) for line in out.splitlines() if line.startswith('{"study"')]
-    # One regulariser call per training step: 2 epochs of 4 iterations, unless it stopped early.
-    steps = row["epochs"] * 4 if row["stop"] != "diverged" else None
-    summary = out.strip().splitlines()[-1]
-    assert summary.startswith(f"steps {steps}" if steps else "steps ")
+    # One regulariser call per training step: 2 epochs of 4 iterations.
+    assert row["stop"] == "max_epochs"
+    assert re.match(r"steps 8; ", out.strip().splitlines()[-1])
     assert row["same_curve"] is True  # watching changes nothing the fold computes
+    # The regulariser is the real one again afterwards.
+    from losses.sparse_centers_regularizer import SparseCentersRegularizer
+    assert SparseCentersRegularizer.compute_loss.__module__ == "losses.sparse_centers_regularizer"
 
 
 def test_find_divergence_reports_a_fold_that_trains_to_its_end(searched_soft_triple, capsys):
+    import torch
+
     assert benchmark_script("find_divergence").main([str(searched_soft_triple), "1", "0"]) == 0
     assert "no non-finite gradient" in capsys.readouterr().out
+    assert not torch.is_anomaly_enabled()  # scoped to the diagnosis
+
+
+def test_an_interrupted_output_folder_or_a_damaged_config_is_refused(searched, tmp_path):
+    (tmp_path / "trial_0000" / "fold_0").mkdir(parents=True)
+    (tmp_path / "trial_0000" / "fold_0" / "last.pt").write_bytes(b"")
+    with pytest.raises(SystemExit, match="interrupted earlier training"):
+        script().retrain(searched, 0, [0], [], tmp_path)
+    copy = tmp_path / "copy"
+    shutil.copytree(searched, copy)
+    for text in ("3", "{", "{\"train\": 3}"):
+        (copy / "config.json").write_text(text)
+        with pytest.raises(SystemExit, match="config.json: "):
+            script().retrain(copy, 0, [0], [], tmp_path / "out")
+
+
+@pytest.mark.parametrize("text", ["[]", "{}", "[3]", "{"])
+def test_a_recorded_history_that_is_not_one_is_not_called_the_same(tmp_path, text):
+    (tmp_path / "history.json").write_text(text)
+    assert script().same_curve(tmp_path / "history.json", [], extended=True) is None
 
 
 def test_training_past_the_cap_starts_with_the_recorded_curve(searched, tmp_path):
