@@ -23,7 +23,6 @@ to OUT with .md.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
@@ -34,11 +33,10 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from benchmarks.retrain_trial import (check_same_split, recorded_config,  # noqa: E402
-                                      refuse_unfinished, same_curve, trial_record)
-# The recorded concatenated MAP@R recomputed from the recorded embeddings by the same code: the
-# tolerance search_noise uses for the same check.
-from benchmarks.search_noise import REP0_TOLERANCE as RECOMPUTE_TOLERANCE  # noqa: E402
+from benchmarks.retrain_trial import (check_same_split, read_history, record,  # noqa: E402
+                                      recorded_config, refuse_unfinished, same_curve,
+                                      trial_record)
+from benchmarks.search_noise import check_recorded_score  # noqa: E402
 from harness.splits import NUM_FOLDS  # noqa: E402
 
 
@@ -55,23 +53,13 @@ def load_embeddings(path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def record(path: Path, *keys: str) -> dict:
-    """A JSON object from a run folder holding `keys`, or a clear refusal (files in a run
-    folder are untrusted)."""
-    from harness.run_folder import read_json
-
-    obj = read_json(path)
-    if not isinstance(obj, dict) or any(k not in obj for k in keys):
-        raise SystemExit(f"{path}: missing, unreadable or without {', '.join(keys)}")
-    return obj
-
-
 def fold_plan(folder: Path, rep: int, best: dict) -> list[dict]:
     """The 4 folds of run `rep`: source, seed, whether the cap ended them, recorded curve."""
     from harness.seeds import reproduction_fold_seed, trial_fold_seed
 
     cfg_seed = record(folder / "config.json", "seed")["seed"]
     rep_dir = folder / "final" / f"rep_{rep:02d}"
+    trial = None  # the best trial's study.db record, read once if a fold needs it
     plan = []
     for k in range(NUM_FOLDS):
         result = record(rep_dir / f"fold_{k}" / "result.json", "source", "stop")
@@ -82,7 +70,7 @@ def fold_plan(folder: Path, rep: int, best: dict) -> list[dict]:
         else:  # the best trial's models from the search, or retrained with its seed
             seed = trial_fold_seed(cfg_seed, best["seed_number"], k)
             if source == "best_trial":
-                trial = trial_record(folder, best["trial"])
+                trial = trial or trial_record(folder, best["trial"])
                 done = trial.user_attrs.get("fold_results")
                 if not (isinstance(done, dict) and isinstance(done.get(str(k)), dict)):
                     raise SystemExit(f"{folder}: trial {best['trial']} records no result of "
@@ -123,12 +111,8 @@ def extend_run(folder: str, rep: int, max_epochs: int, out: str, threads: int = 
     cpu = torch.device("cpu")
     plan = fold_plan(study, rep, best)
     recorded = [load_embeddings(f["embeddings"]) for f in plan]
-    concatenated = record(study / "final" / f"rep_{rep:02d}" / "concatenated.json",
-                          "map_at_r")["map_at_r"]
     before = test_metrics(concatenate(recorded), cpu)["map_at_r"]
-    if abs(before - concatenated) > RECOMPUTE_TOLERANCE:
-        raise SystemExit(f"{study} run {rep}: the recorded embeddings score {before}, "
-                         f"concatenated.json says {concatenated}: not the run's models")
+    check_recorded_score(study, rep, before, f"run {rep}'s recorded test embeddings")
     folds = {d.index: d for d in data.split.folds}
     extended, added, val_gain = list(recorded), 0, 0.0
     for f in plan:
@@ -143,7 +127,7 @@ def extend_run(folder: str, rep: int, max_epochs: int, out: str, threads: int = 
             raise SystemExit(f"{study} run {rep} fold {f['fold']}: training it again did not "
                              f"reproduce its recorded validations (torch version or thread "
                              f"count other than the study's?)")
-        old_best = max(h["map_at_r"] for h in json.loads(f["history"].read_text()))
+        old_best = max(h["map_at_r"] for h in read_history(f["history"]))  # checked just above
         val_gain += result.best_map_at_r - old_best
         added += result.epochs_trained - old_cap
         model = load_best_model(best_cfg, Path(result.checkpoint), cpu)
@@ -181,12 +165,9 @@ def fold_rows(studies: list[Path], work: Path) -> pd.DataFrame:
 
 
 def record_list(path: Path) -> list[dict]:
-    """A validation history (a JSON list of rows with epoch and map_at_r), or a refusal."""
-    from harness.run_folder import read_json
-
-    rows = read_json(path)
-    if not (isinstance(rows, list) and rows and all(
-            isinstance(r, dict) and {"epoch", "map_at_r"} <= set(r) for r in rows)):
+    """A validation history, or a refusal."""
+    rows = read_history(path)
+    if rows is None:
         raise SystemExit(f"{path}: missing or not a validation history (run the extension "
                          f"first, with the same --work)")
     return rows

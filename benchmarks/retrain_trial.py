@@ -94,19 +94,40 @@ def check_same_split(study_dir: Path, data) -> None:
                          f"same")
 
 
+def record(path: Path, *keys: str) -> dict:
+    """A JSON object from a run folder holding `keys`, or a clear refusal (files in a run
+    folder are untrusted)."""
+    from harness.run_folder import read_json
+
+    obj = read_json(path)
+    if not isinstance(obj, dict) or any(k not in obj for k in keys):
+        raise SystemExit(f"{path}: missing, unreadable or without {', '.join(keys)}")
+    return obj
+
+
+def read_history(path: Path) -> list[dict] | None:
+    """A fold's validation history (history.json: a non-empty list of rows with epoch and
+    map_at_r), or None when there is none or the file is not one."""
+    from harness.run_folder import read_json
+
+    rows = read_json(path)
+    if isinstance(rows, list) and rows and all(
+            isinstance(r, dict) and {"epoch", "map_at_r"} <= set(r) for r in rows):
+        return rows
+    return None
+
+
 def same_curve(recorded_history: Path, history: list[dict], extended: bool = False
                ) -> bool | None:
     """Whether the new validation curve equals the recorded one (None: none recorded); with
     `extended` (trained past the recorded cap), whether it starts with it. On the CPU with the
     study's thread count (one per process in embedded_comparison) it does."""
-    from harness.run_folder import read_json
-
-    then = read_json(recorded_history)
-    if not (isinstance(then, list) and then and all(isinstance(row, dict) for row in then)):
+    then = read_history(recorded_history)
+    if then is None:
         return None  # nothing recorded to compare with (or not a history)
     key = ("epoch", "map_at_r")
     new = [[row[k] for k in key] for row in history]
-    return [[row.get(k) for k in key] for row in then] == (new[:len(then)] if extended else new)
+    return [[row[k] for k in key] for row in then] == (new[:len(then)] if extended else new)
 
 
 def refuse_unfinished(run_dir: Path) -> None:

@@ -41,18 +41,19 @@ import pandas as pd
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from benchmarks.embedded_comparison import markdown, seed_agreement  # noqa: E402
-from benchmarks.retrain_trial import recorded_config  # noqa: E402
+from benchmarks.retrain_trial import record, recorded_config  # noqa: E402
 from benchmarks.trial_agreement import complete_trials  # noqa: E402
-FOLDS = 4
-# rep_00's score was computed by the same code from the same checkpoints; float32 embedding
-# and metric code that is deterministic on one machine: an exact match is expected, the
-# tolerance only absorbs a different BLAS summation order on another machine.
+from harness.splits import NUM_FOLDS  # noqa: E402
+# A run's recorded score (rep_00's here, any run's in past_the_cap.py) was computed by the same
+# code from the same models; float32 embedding and metric code that is deterministic on one
+# machine: an exact match is expected, the tolerance only absorbs a different BLAS summation
+# order on another machine.
 REP0_TOLERANCE = 1e-6
 
 
 def trial_checkpoints(run_dir: Path, number: int, folder_number: int) -> list[Path]:
     paths = [run_dir / "trials" / f"trial_{folder_number:04d}" / f"fold_{k}" / "best.pt"
-             for k in range(FOLDS)]
+             for k in range(NUM_FOLDS)]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise SystemExit(f"{run_dir}: trial {number} lacks fold checkpoint(s) {missing[:2]}: "
@@ -110,18 +111,21 @@ def score_study(run_dir: str) -> list[dict]:
                      "test_map_at_r": test_metrics(concatenate(embeddings), cpu)["map_at_r"],
                      "test_separated_map_at_r": float(np.mean(separated))})
     # the trial the final step tested (after a grown search, the search's best may be newer)
-    tested = json.loads((folder / "final" / "best_trial.json").read_text())["trial"]
-    check_against_rep0(folder, tested, rows)
+    tested = record(folder / "final" / "best_trial.json", "trial")["trial"]
+    mine = [r["test_map_at_r"] for r in rows if r["trial"] == tested]
+    check_recorded_score(folder, 0, mine[0] if mine else None, f"trial {tested}")
     return rows
 
 
-def check_against_rep0(folder: Path, best: int, rows: list[dict]) -> None:
-    recorded = json.loads((folder / "final" / "rep_00" / "concatenated.json").read_text())
-    mine = [r["test_map_at_r"] for r in rows if r["trial"] == best]
-    if not mine or abs(mine[0] - recorded["map_at_r"]) > REP0_TOLERANCE:
-        raise SystemExit(f"{folder}: trial {best} scores {mine[:1]} here but "
-                         f"{recorded['map_at_r']} in final/rep_00/concatenated.json: these are "
-                         f"not the models or the test set that the final step used")
+def check_recorded_score(folder: Path, rep: int, score: float | None, what: str) -> None:
+    """Refuse unless `score`, computed here, is run `rep`'s recorded concatenated test MAP@R
+    (final/rep_RR/concatenated.json): otherwise what was scored are not that run's models, or
+    not its test set. `what` names what was scored, for the message."""
+    name = f"final/rep_{rep:02d}/concatenated.json"
+    recorded = record(folder / name, "map_at_r")["map_at_r"]
+    if score is None or abs(score - recorded) > REP0_TOLERANCE:
+        raise SystemExit(f"{folder}: {what} scores {score} here but {recorded} in {name}: "
+                         f"these are not the models or the test set that the final step used")
 
 
 def study_folders(seed_dir: Path) -> list[Path]:

@@ -99,7 +99,7 @@ def test_embeddings_that_do_not_give_the_recorded_score_are_refused(finished, tm
     record = json.loads(concatenated.read_text())
     record["map_at_r"] += 0.05
     concatenated.write_text(json.dumps(record))
-    with pytest.raises(SystemExit, match="not the run's models"):
+    with pytest.raises(SystemExit, match="not the models or the test set"):
         script().extend_run(str(copy), 1, 4, str(tmp_path / "work"), torch.get_num_threads())
     with pytest.raises(SystemExit, match="not above the study's cap"):
         script().extend_run(str(finished), 1, 2, str(tmp_path / "work"))
