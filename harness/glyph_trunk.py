@@ -27,8 +27,11 @@ Cache: `$HARNESS_CACHE/glyph_trunk/` (else ~/.cache/harness/glyph_trunk), one we
 `small_cnn_glyphs_v<version>_<hash>.pt` (a plain state dict, read with weights_only) and a
 `.json` beside it with the cache key, the characters, accuracy and build time. The hash covers
 everything that changes the weights (pretraining version and parameters, the benchmark
-characters, the fonts). First use builds it (a few minutes on 2 CPU cores: rendering, then
-training); a file lock makes concurrent studies wait for one build instead of each building.
+characters, the fonts, torch's thread count, which the build fixes: PRETRAIN_THREADS). The
+same file comes out of every build with the same torch on the same kind of CPU; another
+instruction set (AVX2 vs AVX-512) or torch build may round differently. First use builds it
+(a few minutes on 2 CPU cores: rendering, then training); a file lock makes concurrent studies
+wait for one build instead of each building.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import math
 import os
 import time
 import unicodedata
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -55,6 +59,12 @@ PRETRAIN_VERSION = 1  # bump whenever the pretraining recipe changes: old weight
 PRETRAIN_SEED = 1409_04842  # fixed (an arXiv id, like the glyph data's seed)
 HOMOGLYPH_CORRELATION = 0.9  # plain-rendered masks this similar count as the same character
 HELD_OUT_PER_CLASS = 4
+# torch's intra-op thread count changes the weights: it splits the float sums of convolutions
+# and reductions, and training amplifies the rounding (built on 1 thread, the default trunk
+# differed from the 2-thread one by up to 0.73 in a weight). So every build uses this count,
+# whatever the caller set (a study on 8 cores, a comparison worker on 1 thread), and the cache
+# key records it. 2: the count the trunk of results/ was built with.
+PRETRAIN_THREADS = 2
 
 # Unicode blocks the pretraining characters are drawn from.
 # Unicode blocks the pretraining characters are drawn from: scripts and symbol sets the
@@ -254,6 +264,17 @@ def pretrain(params: PretrainParams, images: np.ndarray, labels: np.ndarray,
 # Cache
 
 
+@contextmanager
+def torch_threads(count: int):
+    """torch's intra-op thread count is `count` inside the block and the caller's after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def cache_key(params: PretrainParams, fonts: list[Path]) -> dict:
     from harness.datasets.glyphs import (GENERATOR_VERSION, MAX_CLASSES, fonts_fingerprint,
                                          glyph_characters)
@@ -261,6 +282,7 @@ def cache_key(params: PretrainParams, fonts: list[Path]) -> dict:
 
     return {"pretrain_version": PRETRAIN_VERSION, "glyph_generator_version": GENERATOR_VERSION,
             "params": asdict(params), "trunk": "small_cnn", "widths": list(SmallCNN.WIDTHS),
+            "torch_threads": PRETRAIN_THREADS,
             "benchmark_characters": "".join(glyph_characters(MAX_CLASSES)),
             "fonts": fonts_fingerprint(fonts)}
 
@@ -307,7 +329,8 @@ def pretrained_trunk_file(root: Path | None = None, params: PretrainParams | Non
             characters = pretrain_characters(params, fonts)
             images, labels = render_pretraining_set(params, characters, fonts)
             rendered = time.perf_counter()
-            state, accuracy = pretrain(params, images, labels, log=log)
+            with torch_threads(PRETRAIN_THREADS):
+                state, accuracy = pretrain(params, images, labels, log=log)
             finished = time.perf_counter()
             # Through a buffer: torch.save names the archive inside the file after the file,
             # and a temporary name would make every build's bytes (and hash) differ.
@@ -316,8 +339,7 @@ def pretrained_trunk_file(root: Path | None = None, params: PretrainParams | Non
             write_bytes_atomic(path, buffer.getvalue())
             info = {"key": key, "sha256": file_sha256(path), "characters": "".join(characters),
                     "held_out_top1": accuracy, "render_seconds": round(rendered - start, 1),
-                    "train_seconds": round(finished - rendered, 1),
-                    "torch_threads": torch.get_num_threads()}
+                    "train_seconds": round(finished - rendered, 1)}
             write_json_atomic(path.with_suffix(".json"), info)
             log(f"glyph trunk ready: held-out top-1 {accuracy:.3f} on {len(characters)} "
                 f"pretraining classes, {finished - start:.0f} s -> {path}")
