@@ -13,7 +13,8 @@ k up to --trials. Growing a copy again with a larger --trials resumes it.
 A copy of a folder written before the `train.tf32` setting existed would be refused on resume
 (its config.json lacks the key). It gets `tf32 = false` only when every invocation recorded in
 its provenance.json ran on the CPU, which has no TF32 (float32 either way); otherwise the script
-stops and says so.
+stops and says so. Likewise `train.center_collapse_gradient`: "zero" when every invocation ran
+torch 2.14 or later (whose clamp gave that gradient), otherwise it stops.
 """
 
 from __future__ import annotations
@@ -48,12 +49,31 @@ def add_tf32_if_cpu_only(folder: Path) -> None:
     path.write_text(json.dumps(config, indent=2))
 
 
+def add_collapse_gradient_if_known(folder: Path) -> None:
+    """config.json without train.center_collapse_gradient: state the gradient the run had at
+    collapsed SoftTriple centers (harness.provenance older_center_collapse_gradient)."""
+    from harness.provenance import older_center_collapse_gradient
+
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    if "center_collapse_gradient" in config.get("train", {}):
+        return
+    mode = older_center_collapse_gradient(json.loads((folder / "provenance.json").read_text()))
+    if mode is None:
+        raise SystemExit(f"{folder}: config.json predates train.center_collapse_gradient and "
+                         f"not every run recorded torch >= 2.14; it cannot be grown as the same "
+                         f"study")
+    config["train"]["center_collapse_gradient"] = mode
+    path.write_text(json.dumps(config, indent=2))
+
+
 def copy_study(source: Path, target: Path) -> None:
     """Copy once; a target that exists is a copy being grown further (harness.run checks that
     it is the same study)."""
     if not target.exists():
         shutil.copytree(source, target, ignore=COPY_IGNORE)
     add_tf32_if_cpu_only(target)
+    add_collapse_gradient_if_known(target)
 
 
 def grow(folder: Path, study: str, seed: int, trials: int) -> dict:

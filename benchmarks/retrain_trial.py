@@ -2,13 +2,15 @@
 set the new result beside the one the study recorded.
 
     python benchmarks/retrain_trial.py STUDY_DIR TRIAL FOLD [FOLD ...] \
-        [--device cuda] [--set train.tf32=true] [--max-epochs N] [--out DIR] [--json FILE]
+        [--device cuda] [--set train.tf32=true] [--set train.center_collapse_gradient=mlrc] \
+        [--max-epochs N] [--out DIR] [--json FILE]
 
 STUDY_DIR is a finished or running study folder (config.json, study.db, split_manifest.json).
 The fold is trained with the study's recorded config, the trial's parameters and the trial's
 fold seed, the way the search trained it; `--set` changes settings that do not change what is
-trained (the device, `train.tf32`, `train.eval_batch_size`), so a difference in the result is
-the device's or the precision's. The data must split exactly as the study's manifest says.
+trained (the device, `train.tf32`, `train.eval_batch_size`, and the gradient convention at
+collapsed SoftTriple centers), so a difference in the result is the device's or the
+arithmetic's. The data must split exactly as the study's manifest says.
 `--max-epochs N` (at least the study's cap) trains past the cap: the recorded validations must
 come back first (`same_curve` then compares them with the new curve's start), and what follows
 is what the cap cut off.
@@ -30,8 +32,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-# What --set may change: how the fold computes, not what it trains.
-COMPUTE_KEYS = ("train.device", "train.tf32", "train.eval_batch_size")
+# What --set may change: how the fold computes, not what it trains (the gradient at collapsed
+# SoftTriple centers is a convention of the autograd, like TF32 one of the arithmetic).
+COMPUTE_KEYS = ("train.device", "train.tf32", "train.eval_batch_size",
+                "train.center_collapse_gradient")
 
 
 def recorded_config(study_dir: Path, overrides: list[str]):
@@ -51,6 +55,8 @@ def recorded_config(study_dir: Path, overrides: list[str]):
         apply_table(cfg, table, str(path))
     except HarnessError as e:
         raise SystemExit(f"{path}: not a config this harness can run ({e})") from None
+    if "center_collapse_gradient" not in (table.get("train") or {}):
+        set_value(cfg, "train.center_collapse_gradient", older_collapse_gradient(study_dir, cfg))
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or key not in COMPUTE_KEYS:
@@ -60,6 +66,28 @@ def recorded_config(study_dir: Path, overrides: list[str]):
         set_value(cfg, key, parse_cli_value(value))
     validate(cfg)
     return cfg, "tf32" not in table.get("train", {})
+
+
+def older_collapse_gradient(study_dir: Path, cfg) -> str:
+    """The gradient at collapsed SoftTriple centers that a study written before
+    `train.center_collapse_gradient` existed trained with (harness.provenance
+    older_center_collapse_gradient), or a refusal when that is unknown and the loss has the
+    regulariser. A loss without it computes the same either way."""
+    from harness.provenance import older_center_collapse_gradient
+    from harness.run_folder import read_json
+    from losses.registry import build_loss
+    from losses.sparse_centers_regularizer import set_collapse_gradient
+
+    mode = older_center_collapse_gradient(read_json(study_dir / "provenance.json"))
+    if mode is not None:
+        return mode
+    probe = build_loss(cfg.loss.name, num_classes=4, embedding_size=8,
+                       dataset=cfg.data.dataset, **cfg.loss.params)
+    if set_collapse_gradient(probe, cfg.train.center_collapse_gradient):
+        raise SystemExit(f"{study_dir}/config.json predates train.center_collapse_gradient and "
+                         f"its provenance.json does not show torch >= 2.14 for every run: what "
+                         f"its SoftTriple regulariser computed at collapsed centers is unknown")
+    return cfg.train.center_collapse_gradient
 
 
 def trial_record(study_dir: Path, number: int):

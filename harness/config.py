@@ -100,6 +100,12 @@ class TrainConfig:
     # (Ampere and newer), which PyTorch would otherwise allow for convolutions (opt-in)
     tf32: bool = False
     channels_last: bool = False  # memory format on CUDA (opt-in; slower at batch 32, measured)
+    # SoftTriple's center regulariser where two centers of a class coincide exactly (the square
+    # root of 0): "mlrc" = the gradient of the PyTorch MLRC ran, whose clamp passed it on, so the
+    # centers turn NaN and the trial scores 0, as in MLRC; "zero" = torch >= 2.14's gradient 0
+    # there, training goes on, as in the official SoftTriple code (opt-in; the embedded
+    # profile's). losses/sparse_centers_regularizer.py, docs/conformance.md.
+    center_collapse_gradient: str = "mlrc"
     eval_batch_size: int = 128
     device: str = "auto"  # auto = cuda when available, else cpu
 
@@ -584,6 +590,7 @@ def validate(cfg: StudyConfig) -> None:
     from harness.datasets import DATASETS
     from harness.models import POOLINGS, TRUNKS
     from harness.train import OPTIMIZERS
+    from losses.sparse_centers_regularizer import COLLAPSE_GRADIENTS
 
     choices = {
         "data.dataset": (cfg.data.dataset, tuple(DATASETS)),
@@ -593,6 +600,7 @@ def validate(cfg: StudyConfig) -> None:
         "model.pooling": (cfg.model.pooling, POOLINGS),
         "search.sampler": (cfg.search.sampler, ("gp", "tpe", "random")),
         "train.sampler": (t.sampler, ("mlrc", "per_batch")),
+        "train.center_collapse_gradient": (t.center_collapse_gradient, COLLAPSE_GRADIENTS),
         "search.pruner": (cfg.search.pruner, ("none", "median", "hyperband")),
     }
     for key, (value, allowed) in choices.items():

@@ -35,6 +35,7 @@ from harness.models import build_model
 from harness.progress import bar
 from harness.splits import Fold
 from losses.registry import build_loss, get_loss_spec
+from losses.sparse_centers_regularizer import set_collapse_gradient
 
 # A callback the search gives to train_fold, called after every validation with (training
 # iterations so far in this fold, validation MAP@R). It may raise (optuna.TrialPruned) to stop
@@ -109,6 +110,7 @@ def build_fold_modules(cfg: StudyConfig, num_classes: int, device: torch.device)
                          embedding_size=m.embedding_size, dataset=cfg.data.dataset,
                          **cfg.loss.params).to(device)
     t = cfg.train
+    set_collapse_gradient(loss_fn, t.center_collapse_gradient)  # SoftTriple's regulariser
     model_opt = make_optimizer(t.optimizer, model.parameters(), t.lr, t.weight_decay,
                                t.momentum, t.adam_eps)
     loss_params = [p for p in loss_fn.parameters() if p.requires_grad]

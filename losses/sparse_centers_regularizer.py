@@ -10,14 +10,19 @@ with one batched matmul: O(C K^2) memory, and any number of classes (so it also 
 weight matrix that Proxy Synthesis enlarged).
 
 The gradient at an exact collapse (2 <w^_ck, w^_ck'> rounds to 2, square root's argument 0) is
-stated here, not left to torch.clamp: PyTorch gave clamp the subgradient 1 at its bound until
-2026 (pytorch/pytorch#184574, #191142) and 0 since (torch 2.14.1, the version pinned here), and
-with 1 the square root's infinite derivative turns into NaN weights. Same-class centers collapse
-often (what the regulariser pulls them towards): on the glyph data, SoftTriple trial 1 of the
-embedded comparison had a pair at exactly 2 in 398 of its 480 steps; with torch 2.11 it diverged
-at step 73 on a GPU, with 2.14.1 it trained on. So this computes torch 2.14.1's gradient (0 at
-and above the bound) on every torch version, and results do not depend on which one is
-installed (docs/embedded.md, "SoftTriple and the clamp's subgradient").
+chosen here, not left to torch.clamp: PyTorch gave clamp the subgradient 1 at its bound until
+2026 (pytorch/pytorch#184574, #191142) and 0 since (torch 2.14.1, the version pinned here).
+Same-class centers collapse often (what the regulariser pulls them towards): on the glyph data,
+SoftTriple trial 1 of the embedded comparison had a pair at exactly 2 in 398 of its 480 steps.
+`collapse_gradient` says which gradient, on every torch version:
+  * "mlrc": the subgradient 1 of the PyTorch MLRC ran (pml 0.9.92, 2020): the square root's
+    infinite derivative reaches the centers, they turn NaN and the trial diverges (MLRC scores it
+    0). The harness's default for every study (`train.center_collapse_gradient`).
+  * "zero": torch 2.14.1's subgradient 0: training goes on. The official SoftTriple code also
+    trains on there: sqrt(2 + 1e-5 - 2 cos) has a finite derivative, and the cosine's gradient
+    with respect to the raw centers vanishes at its maximum (up to rounding). The class's
+    default (pml 2.9.0 under the pinned torch), and the embedded profile's opt-in
+    (docs/embedded.md, "SoftTriple and the clamp's subgradient").
 
 Input: the (C*K, D) centers in pml SoftTripleLoss's class-major order (row c*K + k), i.e. what
 SoftTripleLoss passes to its weight regulariser (`fc.t()`). pml's weight_reg_weight multiplies it
@@ -33,13 +38,19 @@ from pytorch_metric_learning.regularizers import BaseRegularizer
 from pytorch_metric_learning.utils import common_functions as c_f
 
 
+# The gradients at an exactly collapsed pair a regulariser can take (module docstring).
+COLLAPSE_GRADIENTS = ("mlrc", "zero")
+
+
 class SparseCentersRegularizer(BaseRegularizer):
     """Pulls the K centers of each class together; equal to pml's, O(C K^2) memory."""
 
-    def __init__(self, centers_per_class: int, **kwargs):
+    def __init__(self, centers_per_class: int, collapse_gradient: str = "zero", **kwargs):
         super().__init__(**kwargs)
         if centers_per_class < 2:
             raise ValueError("SparseCentersRegularizer needs centers_per_class >= 2")
+        check_collapse_gradient(collapse_gradient)
+        self.collapse_gradient = collapse_gradient
         c_f.assert_distance_type(self, CosineSimilarity)
         self.centers_per_class = int(centers_per_class)
         self.add_to_recordable_attributes(list_of_names=["centers_per_class"], is_stat=False)
@@ -57,9 +68,11 @@ class SparseCentersRegularizer(BaseRegularizer):
         same_class = sims[:, iu[0], iu[1]].reshape(-1)
         small_val = c_f.small_val(weights.dtype)
         two_cos = 2.0 * same_class
-        # clamp(max=2) with the subgradient 0 at the bound whatever the torch version (module
-        # docstring); NaN propagates as through clamp.
-        clamped = torch.where(two_cos < 2.0, two_cos, torch.clamp(two_cos, max=2).detach())
+        # clamp(max=2) with the chosen subgradient at the bound, whatever the torch version
+        # (module docstring): 1 up to and at 2 ("mlrc"), or only below it ("zero"). NaN
+        # propagates as through clamp.
+        below = two_cos <= 2.0 if self.collapse_gradient == "mlrc" else two_cos < 2.0
+        clamped = torch.where(below, two_cos, torch.clamp(two_cos, max=2).detach())
         reg = torch.sqrt(2.0 + small_val - clamped)
         return {
             "loss": {
@@ -75,3 +88,20 @@ class SparseCentersRegularizer(BaseRegularizer):
 
     def get_default_reducer(self):
         return DivisorReducer()
+
+
+def check_collapse_gradient(mode: str) -> None:
+    if mode not in COLLAPSE_GRADIENTS:
+        raise ValueError(f"collapse_gradient={mode!r}: expected one of "
+                         f"{', '.join(COLLAPSE_GRADIENTS)}")
+
+
+def set_collapse_gradient(loss: torch.nn.Module, mode: str) -> int:
+    """Give every SparseCentersRegularizer inside `loss` (SoftTriple's, also under Proxy
+    Synthesis) the gradient `mode` at an exactly collapsed pair; returns how many there were.
+    A setting of the run rather than a loss parameter: the same for every loss of a study."""
+    check_collapse_gradient(mode)
+    found = [m for m in loss.modules() if isinstance(m, SparseCentersRegularizer)]
+    for regularizer in found:
+        regularizer.collapse_gradient = mode
+    return len(found)

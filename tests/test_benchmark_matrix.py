@@ -35,7 +35,8 @@ EMBEDDED_PROFILE_CHANGES = {
     "data.resize": 32, "data.scale_min": 0.16, "data.random_crop": False,
     "model.pretrained": True, "model.freeze_bn": True,
     "train.lr": 1e-3, "train.weight_decay": 1e-4, "train.iters_per_epoch": 20,
-    "train.max_epochs": 50, "search.trials": 10, "final.reproductions": 10}
+    "train.max_epochs": 50, "search.trials": 10, "final.reproductions": 10,
+    "train.center_collapse_gradient": "zero"}
 QUICKSTART_CHANGES = {**EMBEDDED_PROFILE_CHANGES, "train.lr": 5e-4, "train.max_epochs": 6,
                       "search.trials": 4, "final.reproductions": 1}
 
@@ -44,6 +45,8 @@ def changed(config: dict, changes: dict) -> dict:
     config = json.loads(json.dumps(config))
     config.setdefault("data", {}).setdefault("random_crop", True)  # a field added since
     config.setdefault("train", {}).setdefault("tf32", False)  # added since, off (float32)
+    # added since: MLRC's gradient at collapsed SoftTriple centers (docs/conformance.md)
+    config["train"].setdefault("center_collapse_gradient", "mlrc")
     for key, value in changes.items():
         section, field = key.split(".")
         config[section][field] = value

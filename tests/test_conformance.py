@@ -27,6 +27,7 @@ from harness.sampler import MLRC_LIST_LENGTH, MLRCPassSampler
 from harness.search import (LOSS_LR_SPACE, SobolThenGPSampler, make_pruner, make_sampler,
                             search_space, startup_trials)
 from harness.train import build_fold_modules
+from losses.sparse_centers_regularizer import SparseCentersRegularizer
 
 MLRC_STUDIES = ["proxy_anchor_cub", "proxy_nca_cars", "soft_triple_sop", "arcface_cub"]
 
@@ -80,6 +81,26 @@ def test_optimisers_are_built_as_configured():
 def test_precision_is_float32(mlrc_cfg):
     # MLRC's trainers (pml v0.9.92 trainers/) never autocast
     assert (mlrc_cfg.train.amp, mlrc_cfg.train.channels_last) == (False, False)
+
+
+def test_soft_triple_collapse_gradient_is_mlrcs_unless_opted_out():
+    """MLRC's SoftTriple (pml 0.9.92's SparseCentersRegularizer under 2020's PyTorch, whose clamp
+    had the subgradient 1 at its bound) turns NaN at an exactly collapsed pair of centers:
+    "mlrc" by default, in every study and under Proxy Synthesis; the embedded profile opts in to
+    torch 2.14's gradient 0 (docs/conformance.md, SoftTriple row)."""
+    for name in ("soft_triple_cub", "soft_triple_sop", "proxy_synthesis_soft_triple_cars"):
+        cfg = load_study(name, overrides=["model.trunk=small_cnn", "model.pretrained=false",
+                                          "loss.reg_weight=0.2"])
+        assert cfg.train.center_collapse_gradient == "mlrc"
+        _, loss, _, _ = build_fold_modules(cfg, 10, torch.device("cpu"))
+        modes = [m.collapse_gradient for m in loss.modules()
+                 if isinstance(m, SparseCentersRegularizer)]
+        assert modes == ["mlrc"], name
+        embedded = load_study(name, profile="embedded")
+        assert embedded.train.center_collapse_gradient == "zero"
+        _, loss, _, _ = build_fold_modules(embedded, 10, torch.device("cpu"))
+        assert [m.collapse_gradient for m in loss.modules()
+                if isinstance(m, SparseCentersRegularizer)] == ["zero"], name
 
 
 def test_transforms(mlrc_cfg):

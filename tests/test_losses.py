@@ -16,6 +16,7 @@ from conftest import (BF16_TOL, DTYPES, assert_close, m_per_class_labels, make_b
                       ref_grads, ref_proxy_anchor, ref_proxy_nca_pp, run, unit)
 from losses import ProxyAnchorLoss, ProxyISALoss, ProxyNCAPlusPlusLoss, ProxySynthesisLoss
 from losses import SparseCentersRegularizer, build_loss
+from losses.sparse_centers_regularizer import set_collapse_gradient
 
 # -------------------------------------------------------------------------------------------
 # Proxy Anchor
@@ -257,6 +258,42 @@ def test_sparse_centers_regulariser_survives_collapsed_centers(monkeypatch,
                     total = total + torch.sqrt(2.0 - 2.0 * s)
     (total / (C * K * (K - 1))).backward()
     assert_close(w1.grad.double(), w64.grad, torch.float32)
+
+
+@pytest.mark.parametrize("collapsed", [False, True])
+def test_mlrc_collapse_gradient_is_pml_under_the_clamp_of_2020(monkeypatch, collapsed):
+    """collapse_gradient="mlrc" is pml's regulariser as MLRC ran it, under a torch.clamp with the
+    subgradient 1 at its bound: the same gradient, finite or not entry for entry; at an exactly
+    collapsed pair it is not finite (the centers turn NaN and MLRC scores the trial 0)."""
+    C, K, D = 2, 3, 4
+    w = torch.randn(C * K, D, generator=torch.Generator().manual_seed(2))
+    if collapsed:
+        w[0] = w[1] = torch.tensor([3.0, 0.0, 0.0, 0.0])
+    real_clamp = torch.clamp
+
+    def clamp(t, min=None, max=None):
+        if min is None and max is not None and t.requires_grad:
+            return _ClampWithSubgradientOne.apply(t, max)
+        return real_clamp(t, min=min, max=max)
+
+    ours, theirs = w.clone().requires_grad_(), w.clone().requires_grad_()
+    SparseCentersRegularizer(K, collapse_gradient="mlrc")(ours).backward()
+    monkeypatch.setattr(torch, "clamp", clamp)
+    pml_regularizers.SparseCentersRegularizer(C, K)(theirs).backward()
+    finite = torch.isfinite(ours.grad)
+    assert torch.equal(finite, torch.isfinite(theirs.grad))
+    assert bool(finite.all()) is not collapsed
+    assert_close(ours.grad[finite], theirs.grad[finite], torch.float32)
+
+
+def test_collapse_gradient_is_checked_and_set_on_every_regulariser():
+    with pytest.raises(ValueError, match="expected one of mlrc, zero"):
+        SparseCentersRegularizer(3, collapse_gradient="one")
+    loss = build_loss("proxy_synthesis_soft_triple", 10, 16, reg_weight=0.2)
+    assert set_collapse_gradient(loss, "mlrc") == 1
+    assert set_collapse_gradient(build_loss("proxy_anchor", 10, 16), "mlrc") == 0
+    with pytest.raises(ValueError, match="collapse_gradient='one'"):
+        set_collapse_gradient(loss, "one")
 
 
 def test_soft_triple_reg_weight_adds_weighted_regulariser():

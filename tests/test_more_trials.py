@@ -9,12 +9,14 @@ import pytest
 from conftest import benchmark_script
 
 
-def study_folder(path, devices, tf32=None):
+def study_folder(path, devices, tf32=None, torch_versions=None):
     path.mkdir(parents=True)
     train = {"lr": 0.001} if tf32 is None else {"lr": 0.001, "tf32": tf32}
     (path / "config.json").write_text(json.dumps({"seed": 0, "train": train}))
+    torch_versions = torch_versions or ["2.14.1"] * len(devices)
     (path / "provenance.json").write_text(json.dumps(
-        [{"hardware": {"device": d}} for d in devices]))
+        [{"hardware": {"device": d}, "versions": {"torch": v}}
+         for d, v in zip(devices, torch_versions)]))
     (path / ".lock").write_text("")
     return path
 
@@ -40,6 +42,26 @@ def test_a_recorded_tf32_is_left_as_it_is(tmp_path):
     target = tmp_path / "out" / "m_glyphs"
     benchmark_script("more_trials").copy_study(source, target)
     assert json.loads((target / "config.json").read_text())["train"]["tf32"] is True
+
+
+def test_a_run_from_before_the_collapse_gradient_setting_is_copied_with_what_it_computed(
+        tmp_path):
+    """torch 2.14's clamp gave SoftTriple's regulariser the gradient 0 at collapsed centers, and
+    the harness kept it on every torch since: such a copy resumes under "zero"."""
+    source = study_folder(tmp_path / "src" / "m_glyphs", ["cpu", "cpu"],
+                          torch_versions=["2.14.1", "2.14.1+cpu"])
+    target = tmp_path / "out" / "m_glyphs"
+    benchmark_script("more_trials").copy_study(source, target)
+    train = json.loads((target / "config.json").read_text())["train"]
+    assert train["center_collapse_gradient"] == "zero"
+
+
+@pytest.mark.parametrize("versions", [["2.14.1", "2.11.0"], ["2.9"], ["?"]])
+def test_a_run_under_an_older_torch_is_refused(tmp_path, versions):
+    source = study_folder(tmp_path / "src" / "m_glyphs", ["cpu"] * len(versions),
+                          torch_versions=versions)
+    with pytest.raises(SystemExit, match="predates train.center_collapse_gradient"):
+        benchmark_script("more_trials").copy_study(source, tmp_path / "out" / "m_glyphs")
 
 
 def test_a_copy_is_grown_with_the_comparisons_own_arguments(tmp_path, monkeypatch):

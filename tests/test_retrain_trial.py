@@ -135,3 +135,36 @@ def test_training_past_the_cap_starts_with_the_recorded_curve(searched, tmp_path
     assert [h["epoch"] for h in history][:2] == [1, 2] and len(history) > 2
     with pytest.raises(SystemExit, match="below the study's cap"):
         script().retrain(searched, 1, [3], [], tmp_path, max_epochs=1)
+
+
+def _older_copy(study, tmp_path, torch_version):
+    """A copy of `study` as a harness from before train.center_collapse_gradient wrote it, run
+    under `torch_version`."""
+    copy = tmp_path / f"older_{torch_version}"
+    shutil.copytree(study, copy)
+    config = json.loads((copy / "config.json").read_text())
+    del config["train"]["center_collapse_gradient"]
+    (copy / "config.json").write_text(json.dumps(config))
+    invocations = json.loads((copy / "provenance.json").read_text())
+    for inv in invocations:
+        inv["versions"]["torch"] = torch_version
+    (copy / "provenance.json").write_text(json.dumps(invocations))
+    return copy
+
+
+def test_an_older_soft_triple_study_trains_with_the_gradient_its_torch_gave(
+        searched_soft_triple, tmp_path):
+    """Before the setting, SoftTriple's regulariser took torch's clamp gradient: 0 from torch
+    2.14 on (and the harness's fixed 0 since). Under an older torch it is unknown: refused."""
+    copy = _older_copy(searched_soft_triple, tmp_path, "2.14.1+cpu")
+    cfg, _ = script().recorded_config(copy, [])
+    assert cfg.train.center_collapse_gradient == "zero"
+    (row,) = script().retrain(copy, 1, [0], [], tmp_path / "out")
+    assert row["same_curve"] is True
+    with pytest.raises(SystemExit, match="predates train.center_collapse_gradient"):
+        script().recorded_config(_older_copy(searched_soft_triple, tmp_path, "2.11.0"), [])
+
+
+def test_an_older_study_without_the_regulariser_needs_no_torch_version(searched, tmp_path):
+    cfg, _ = script().recorded_config(_older_copy(searched, tmp_path, "2.11.0"), [])
+    assert cfg.train.center_collapse_gradient == "mlrc"  # computes nothing different
