@@ -14,7 +14,7 @@ A copy of a folder written before the `train.tf32` setting existed would be refu
 (its config.json lacks the key). It gets `tf32 = false` only when every invocation recorded in
 its provenance.json ran on the CPU, which has no TF32 (float32 either way); otherwise the script
 stops and says so. Likewise `train.center_collapse_gradient`: "zero" when every invocation ran
-torch 2.14 or later (whose clamp gave that gradient), otherwise it stops.
+torch 2.14.1 or later (whose clamp gave that gradient), otherwise it stops.
 """
 
 from __future__ import annotations
@@ -51,18 +51,23 @@ def add_tf32_if_cpu_only(folder: Path) -> None:
 
 def add_collapse_gradient_if_known(folder: Path) -> None:
     """config.json without train.center_collapse_gradient: state the gradient the run had at
-    collapsed SoftTriple centers (harness.provenance older_center_collapse_gradient)."""
+    collapsed SoftTriple centers (harness.provenance older_center_collapse_gradient). Unknown
+    is refused for every loss (retrain_trial can tell a loss without the regulariser, but the
+    copy must resume under the profile's own value, which is only known to be right when the
+    run computed it)."""
     from harness.provenance import older_center_collapse_gradient
+    from harness.run_folder import read_json
 
     path = folder / "config.json"
     config = json.loads(path.read_text())
     if "center_collapse_gradient" in config.get("train", {}):
         return
-    mode = older_center_collapse_gradient(json.loads((folder / "provenance.json").read_text()))
+    mode = older_center_collapse_gradient(read_json(folder / "provenance.json"))
     if mode is None:
         raise SystemExit(f"{folder}: config.json predates train.center_collapse_gradient and "
-                         f"not every run recorded torch >= 2.14; it cannot be grown as the same "
-                         f"study")
+                         f"its provenance.json (missing, unreadable, or some run under a torch "
+                         f"before 2.14.1) does not say which gradient it computed; it cannot be "
+                         f"grown as the same study")
     config["train"]["center_collapse_gradient"] = mode
     path.write_text(json.dumps(config, indent=2))
 

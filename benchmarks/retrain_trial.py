@@ -55,7 +55,8 @@ def recorded_config(study_dir: Path, overrides: list[str]):
         apply_table(cfg, table, str(path))
     except HarnessError as e:
         raise SystemExit(f"{path}: not a config this harness can run ({e})") from None
-    if "center_collapse_gradient" not in (table.get("train") or {}):
+    chosen = any(o.startswith("train.center_collapse_gradient=") for o in overrides)
+    if "center_collapse_gradient" not in (table.get("train") or {}) and not chosen:
         set_value(cfg, "train.center_collapse_gradient", older_collapse_gradient(study_dir, cfg))
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -85,8 +86,9 @@ def older_collapse_gradient(study_dir: Path, cfg) -> str:
                        dataset=cfg.data.dataset, **cfg.loss.params)
     if set_collapse_gradient(probe, cfg.train.center_collapse_gradient):
         raise SystemExit(f"{study_dir}/config.json predates train.center_collapse_gradient and "
-                         f"its provenance.json does not show torch >= 2.14 for every run: what "
-                         f"its SoftTriple regulariser computed at collapsed centers is unknown")
+                         f"its provenance.json does not show torch >= 2.14.1 for every run: what "
+                         f"its SoftTriple regulariser computed at collapsed centers is unknown; "
+                         f"pass --set train.center_collapse_gradient=mlrc|zero to choose")
     return cfg.train.center_collapse_gradient
 
 
@@ -215,7 +217,9 @@ def retrain(study_dir: Path, number: int, folds: list[int], overrides: list[str]
             "history.json"
         rows.append({
             "study": cfg.name, "trial": number, "fold": index, "device": str(device),
-            "tf32": cfg.train.tf32, "stop": result.stop_reason,
+            "tf32": cfg.train.tf32,
+            "center_collapse_gradient": cfg.train.center_collapse_gradient,
+            "stop": result.stop_reason,
             "map_at_r": round(result.best_map_at_r, 4), "best_epoch": result.best_epoch,
             "epochs": result.epochs_trained,
             "recorded_stop": then.get("stop"),

@@ -5,9 +5,11 @@
 
 Trains the fold as `retrain_trial.py` does, with the regulariser's intermediate tensors watched
 (the same operations in the same order as losses/sparse_centers_regularizer.py, so the numbers
-are the training's own). `--clamp torch` (default): the regulariser as it was before it fixed its
+are the training's own). `--clamp torch` (default): the regulariser as it was before it chose its
 gradient at the clamp's bound, i.e. with the installed torch's subgradient there (1 before 2026,
-0 since: pytorch/pytorch#184574); `--clamp harness`: as it is now. After each backward pass:
+0 since: pytorch/pytorch#184574); `--clamp harness`: as it is now, with the study's
+`train.center_collapse_gradient` ("zero" for the embedded runs; `--set
+train.center_collapse_gradient=mlrc` for MLRC's). After each backward pass:
 how many entries of each one's gradient are +-inf or NaN, and how many same-class center pairs
 have 2 cos rounded to exactly 2 or above (the square root's argument 0). Prints the steps where
 any gradient is non-finite, up to the first NaN, and a summary.
@@ -40,9 +42,8 @@ def watch_regulariser(log: list[dict], clamp: str):
         sims = torch.bmm(centers, centers.transpose(1, 2))
         iu = torch.triu_indices(k, k, offset=1, device=weights.device)
         two_cos = 2.0 * sims[:, iu[0], iu[1]].reshape(-1)
-        clamped = torch.clamp(two_cos, max=2)
-        if clamp == "harness":
-            clamped = torch.where(two_cos < 2.0, two_cos, clamped.detach())
+        clamped = self.clamp_two_cos(two_cos) if clamp == "harness" else \
+            torch.clamp(two_cos, max=2)
         arg = 2.0 + c_f.small_val(weights.dtype) - clamped
         reg = torch.sqrt(arg)
         row = {"step": len(log), "2cos==2": int((two_cos == 2.0).sum()),

@@ -70,28 +70,28 @@ def recorded_numeric_versions(invocations) -> list[str]:
     return seen
 
 
-# torch.clamp's gradient at its bound is 0 from this release on (pytorch/pytorch#184574; 2.11
-# gave 1), which is what SoftTriple's center regulariser computed before
-# `train.center_collapse_gradient` existed (losses/sparse_centers_regularizer.py).
-CLAMP_GRADIENT_ZERO_FROM = (2, 14)
+# torch.clamp's gradient at its bound: 0 in this release (measured; pytorch/pytorch#184574,
+# #191142), 1 in 2.11 (measured); the releases between were not measured, so they count as
+# unknown. What SoftTriple's center regulariser computed before `train.center_collapse_gradient`
+# existed came from it (losses/sparse_centers_regularizer.py).
+CLAMP_GRADIENT_ZERO_FROM = (2, 14, 1)
 
 
 def older_center_collapse_gradient(invocations) -> str | None:
     """What a run folder written before `train.center_collapse_gradient` existed computed at an
     exactly collapsed pair of SoftTriple centers: "zero" when every invocation in its
-    provenance.json ran a torch from CLAMP_GRADIENT_ZERO_FROM on (the clamp's gradient then,
-    and the harness's fixed one since); None when any ran an older or unrecorded torch (its
-    clamp may have passed the gradient on): unknown."""
+    provenance.json ran a torch release from CLAMP_GRADIENT_ZERO_FROM on (the clamp's gradient
+    then, and the harness's own 0 since efd7f24); None when any ran an older, pre-release or
+    unrecorded torch (its clamp may have passed the gradient on): unknown."""
     if not isinstance(invocations, list) or not invocations:
         return None
     for inv in invocations:
         versions = inv.get("versions") if isinstance(inv, dict) else None
-        torch_version = versions.get("torch") if isinstance(versions, dict) else None
-        try:
-            release = tuple(int(x) for x in str(torch_version).split("+")[0].split(".")[:2])
-        except ValueError:
-            return None
-        if len(release) < 2 or release < CLAMP_GRADIENT_ZERO_FROM:
+        release = str(versions.get("torch")).split("+")[0] if isinstance(versions, dict) else ""
+        parts = release.split(".")
+        if len(parts) != 3 or not all(p.isdigit() for p in parts):
+            return None  # unrecorded, or a pre-release such as 2.14.0a0
+        if tuple(int(p) for p in parts) < CLAMP_GRADIENT_ZERO_FROM:
             return None
     return "zero"
 

@@ -268,7 +268,7 @@ def mixed_versions_note(output: Path, earlier: list, versions: dict) -> str:
         return ""
     return (f"note: {output} was run before with {' and with '.join(before)}; this invocation "
             f"runs {now}. Its new trials and runs may differ numerically from the earlier ones "
-            f"(a torch upgrade changed SoftTriple's gradients: docs/embedded.md). For one "
+            f"(torch 2.14 changed torch.clamp's gradient at its bound: docs/embedded.md). For one "
             f"table, finish a study with one version, or start it again in a new --output.")
 
 

@@ -196,8 +196,11 @@ def _soft_triple(num_classes, embedding_size, centers_per_class, la, gamma, marg
     # weight regulariser (our memory-light equivalent of SparseCentersRegularizer) times
     # weight_reg_weight.
     # reg_weight 0 means no regulariser at all, as in the pml MLRC ran (`if self.reg_weight > 0`).
+    # MLRC's gradient at an exactly collapsed pair of centers, as the harness's default
+    # (train.center_collapse_gradient, which build_fold_modules applies).
     use_reg = centers_per_class > 1 and reg_weight > 0
-    reg = SparseCentersRegularizer(centers_per_class) if use_reg else None
+    reg = SparseCentersRegularizer(centers_per_class, collapse_gradient="mlrc") if use_reg \
+        else None
     return pml_losses.SoftTripleLoss(
         num_classes, embedding_size, centers_per_class=centers_per_class, la=la, gamma=gamma,
         margin=margin, weight_regularizer=reg, weight_reg_weight=reg_weight,

@@ -67,13 +67,7 @@ class SparseCentersRegularizer(BaseRegularizer):
         iu = torch.triu_indices(k, k, offset=1, device=weights.device)
         same_class = sims[:, iu[0], iu[1]].reshape(-1)
         small_val = c_f.small_val(weights.dtype)
-        two_cos = 2.0 * same_class
-        # clamp(max=2) with the chosen subgradient at the bound, whatever the torch version
-        # (module docstring): 1 up to and at 2 ("mlrc"), or only below it ("zero"). NaN
-        # propagates as through clamp.
-        below = two_cos <= 2.0 if self.collapse_gradient == "mlrc" else two_cos < 2.0
-        clamped = torch.where(below, two_cos, torch.clamp(two_cos, max=2).detach())
-        reg = torch.sqrt(2.0 + small_val - clamped)
+        reg = torch.sqrt(2.0 + small_val - self.clamp_two_cos(2.0 * same_class))
         return {
             "loss": {
                 "losses": reg,
@@ -82,6 +76,13 @@ class SparseCentersRegularizer(BaseRegularizer):
                 "divisor": 2 * reg.numel(),  # pml: 2 * (number of same-class pairs)
             }
         }
+
+    def clamp_two_cos(self, two_cos: torch.Tensor) -> torch.Tensor:
+        """clamp(2 cos, max=2) with the chosen subgradient at the bound, whatever the torch
+        version (module docstring): 1 up to and at 2 ("mlrc"), or only below it ("zero"). NaN
+        propagates as through clamp."""
+        below = two_cos <= 2.0 if self.collapse_gradient == "mlrc" else two_cos < 2.0
+        return torch.where(below, two_cos, torch.clamp(two_cos, max=2).detach())
 
     def get_default_distance(self):
         return CosineSimilarity()

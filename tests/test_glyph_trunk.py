@@ -143,3 +143,19 @@ def test_the_weights_do_not_depend_on_the_callers_thread_count(tmp_path):
     finally:
         torch.set_num_threads(before)
     assert built[1] == built[3]
+
+
+def test_a_failed_build_gives_the_caller_its_thread_count_back(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        assert torch.get_num_threads() == glyph_trunk.PRETRAIN_THREADS
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(glyph_trunk, "pretrain", broken)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            glyph_trunk.pretrained_trunk_file(tmp_path, TINY_TRUNK, log=lambda *_: None)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

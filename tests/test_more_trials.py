@@ -56,7 +56,7 @@ def test_a_run_from_before_the_collapse_gradient_setting_is_copied_with_what_it_
     assert train["center_collapse_gradient"] == "zero"
 
 
-@pytest.mark.parametrize("versions", [["2.14.1", "2.11.0"], ["2.9"], ["?"]])
+@pytest.mark.parametrize("versions", [["2.14.1", "2.11.0"], ["2.9"], ["?"], ["2.14.0a0+git12"]])
 def test_a_run_under_an_older_torch_is_refused(tmp_path, versions):
     source = study_folder(tmp_path / "src" / "m_glyphs", ["cpu"] * len(versions),
                           torch_versions=versions)

@@ -152,17 +152,44 @@ def _older_copy(study, tmp_path, torch_version):
     return copy
 
 
-def test_an_older_soft_triple_study_trains_with_the_gradient_its_torch_gave(
+def test_an_older_soft_triple_study_is_read_with_the_gradient_its_torch_gave(
         searched_soft_triple, tmp_path):
-    """Before the setting, SoftTriple's regulariser took torch's clamp gradient: 0 from torch
-    2.14 on (and the harness's fixed 0 since). Under an older torch it is unknown: refused."""
+    """Before the setting, SoftTriple's regulariser took torch's clamp gradient: 0 in torch
+    2.14.1 and later. Under an older or pre-release torch it is unknown: refused, unless --set
+    chooses."""
     copy = _older_copy(searched_soft_triple, tmp_path, "2.14.1+cpu")
     cfg, _ = script().recorded_config(copy, [])
     assert cfg.train.center_collapse_gradient == "zero"
     (row,) = script().retrain(copy, 1, [0], [], tmp_path / "out")
-    assert row["same_curve"] is True
-    with pytest.raises(SystemExit, match="predates train.center_collapse_gradient"):
-        script().recorded_config(_older_copy(searched_soft_triple, tmp_path, "2.11.0"), [])
+    assert row["center_collapse_gradient"] == "zero"
+    for version in ("2.11.0", "2.14.0a0+git1234", "2.14"):
+        older = _older_copy(searched_soft_triple, tmp_path, version)
+        with pytest.raises(SystemExit, match="pass --set train.center_collapse_gradient"):
+            script().recorded_config(older, [])
+        cfg, _ = script().recorded_config(older, ["train.center_collapse_gradient=mlrc"])
+        assert cfg.train.center_collapse_gradient == "mlrc"
+
+
+def test_the_diagnosis_watches_the_gradient_the_run_chose(tmp_path):
+    """softtriple_center_grads --clamp harness runs the regulariser's own clamp: at an exactly
+    collapsed pair, non-finite with "mlrc", finite with "zero"."""
+    import torch
+
+    from losses.sparse_centers_regularizer import SparseCentersRegularizer
+
+    diagnose = benchmark_script("softtriple_center_grads")
+    w = torch.randn(6, 4, generator=torch.Generator().manual_seed(2))
+    w[0] = w[1] = torch.tensor([3.0, 0.0, 0.0, 0.0])
+    for mode, finite in (("mlrc", False), ("zero", True)):
+        log: list[dict] = []
+        original = diagnose.watch_regulariser(log, "harness")
+        try:
+            weights = w.clone().requires_grad_()
+            SparseCentersRegularizer(3, collapse_gradient=mode)(weights).backward()
+        finally:
+            SparseCentersRegularizer.compute_loss = original
+        assert bool(torch.isfinite(weights.grad).all()) is finite, mode
+        assert log[0]["2cos==2"] == 1
 
 
 def test_an_older_study_without_the_regulariser_needs_no_torch_version(searched, tmp_path):
