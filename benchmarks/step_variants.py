@@ -1,0 +1,124 @@
+"""Can an embedded training step be made faster on the CPU without changing the protocol? (#12:
+the full comparison takes about 4 hours per seed on 2 cores against a goal of 60 minutes.)
+
+    python benchmarks/step_variants.py [--study proxy_anchor_glyphs] [--steps 150] [--rounds 5]
+
+Times one training step (forward, loss, backward, both optimiser steps) of the study's embedded
+configuration at its batch (32 x 3 x 32 x 32), one torch thread, in these variants:
+
+  baseline        harness.train.build_fold_modules as a fold trains (torch's Adam picks its
+                  per-tensor loop on the CPU)
+  foreach_adam    the same with Adam(foreach=True): one fused call per operation over all tensors
+  channels_last   model and batch in channels-last memory format (oneDNN's preferred layout)
+  compiled        torch.compile(model) (inductor, C++ on the CPU); compile time not counted
+
+The variants run in interleaved rounds (A B C D, A B C D, ...) so that a noisy machine slows
+them alike; the median round of each is compared with the baseline's. Also reported: whether
+the variant's weights after the timed steps are bit-identical to the baseline's (the same seed,
+batch and steps), i.e. whether it could replace the baseline without changing any result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+VARIANTS = ("baseline", "foreach_adam", "channels_last", "compiled")
+
+
+def build(variant: str, cfg, num_classes: int):
+    """(step function, model, loss) of one variant, from the same seed."""
+    import torch
+
+    from harness.train import build_fold_modules
+
+    torch.manual_seed(0)
+    model, loss_fn, model_opt, loss_opt = build_fold_modules(cfg, num_classes,
+                                                             torch.device("cpu"))
+    if variant == "foreach_adam":
+        model_opt = type(model_opt)(model.parameters(),
+                                    **(model_opt.defaults | {"foreach": True}))
+        if loss_opt is not None:
+            loss_opt = type(loss_opt)(loss_opt.param_groups[0]["params"],
+                                      **(loss_opt.defaults | {"foreach": True}))
+    if variant == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+    forward = torch.compile(model) if variant == "compiled" else model
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(cfg.train.batch_size, 3, cfg.data.crop, cfg.data.crop,
+                         generator=generator)
+    if variant == "channels_last":
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.arange(cfg.train.batch_size // cfg.train.m_per_class).repeat_interleave(
+        cfg.train.m_per_class)
+    model.train()
+
+    def step() -> None:
+        loss = loss_fn(forward(images), labels)
+        model_opt.zero_grad(set_to_none=True)
+        if loss_opt is not None:
+            loss_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        model_opt.step()
+        if loss_opt is not None:
+            loss_opt.step()
+
+    return step, model, loss_fn
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--study", default="proxy_anchor_glyphs")
+    p.add_argument("--steps", type=int, default=150, help="timed steps per variant and round")
+    p.add_argument("--rounds", type=int, default=5)
+    args = p.parse_args(argv)
+
+    import torch
+
+    from harness.config import load_study
+
+    torch.set_num_threads(1)
+    cfg = load_study(args.study, profile="embedded")
+    num_classes = 96  # a fold's training classes on the glyphs (128 train+val, 4 folds)
+    built = {v: build(v, cfg, num_classes) for v in VARIANTS}
+    for step, _, _ in built.values():  # warm-up (and compilation) before any timing
+        for _ in range(10):
+            step()
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for _ in range(args.rounds):
+        for variant in VARIANTS:
+            step = built[variant][0]
+            began = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            times[variant].append((time.perf_counter() - began) / args.steps * 1e3)
+
+    base_model, base_loss = built["baseline"][1], built["baseline"][2]
+
+    def same_weights(variant: str) -> bool:
+        _, model, loss_fn = built[variant]
+        pairs = [*zip(base_model.state_dict().values(), model.state_dict().values()),
+                 *zip(base_loss.state_dict().values(), loss_fn.state_dict().values())]
+        return all(torch.equal(a, b.contiguous()) for a, b in pairs)
+
+    base = statistics.median(times["baseline"])
+    print(f"{args.study}, embedded profile: batch {cfg.train.batch_size} at "
+          f"{cfg.data.crop} px, 1 torch thread, torch {torch.__version__}; {args.rounds} "
+          f"interleaved rounds of {args.steps} steps per variant (median round)")
+    print(f"{'variant':<15} {'ms/step':>8} {'vs baseline':>12}  weights after the steps")
+    for variant in VARIANTS:
+        ms = statistics.median(times[variant])
+        same = "bit-identical" if same_weights(variant) else "differ"
+        print(f"{variant:<15} {ms:8.2f} {base / ms:11.2f}x  {same}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
