@@ -329,7 +329,9 @@ def pretrained_trunk_file(root: Path | None = None, params: PretrainParams | Non
             characters = pretrain_characters(params, fonts)
             images, labels = render_pretraining_set(params, characters, fonts)
             rendered = time.perf_counter()
-            with torch_threads(PRETRAIN_THREADS):
+            # fork_rng: pretrain seeds torch's global generator, and the caller's next draws
+            # (a fold's embedder and proxies) must not depend on whether the trunk was cached.
+            with torch_threads(PRETRAIN_THREADS), torch.random.fork_rng(devices=[]):
                 state, accuracy = pretrain(params, images, labels, log=log)
             finished = time.perf_counter()
             # Through a buffer: torch.save names the archive inside the file after the file,

@@ -145,6 +145,16 @@ def test_the_weights_do_not_depend_on_the_callers_thread_count(tmp_path):
     assert built[1] == built[3]
 
 
+def test_a_build_leaves_the_callers_random_state_alone(tmp_path):
+    """A fold seeds torch, then builds its model: the first fold of a fresh cache builds the
+    trunk on the way and must draw the same embedder and proxies as a fold with it cached."""
+    torch.manual_seed(5)
+    glyph_trunk.pretrained_trunk_file(tmp_path, TINY_TRUNK, log=lambda *_: None)
+    after_build = torch.rand(3)
+    torch.manual_seed(5)
+    assert torch.equal(after_build, torch.rand(3))
+
+
 def test_a_failed_build_gives_the_caller_its_thread_count_back(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         assert torch.get_num_threads() == glyph_trunk.PRETRAIN_THREADS
