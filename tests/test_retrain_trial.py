@@ -195,17 +195,3 @@ def test_the_diagnosis_watches_the_gradient_the_run_chose(tmp_path):
 def test_an_older_study_without_the_regulariser_needs_no_torch_version(searched, tmp_path):
     cfg, _ = script().recorded_config(_older_copy(searched, tmp_path, "2.11.0"), [])
     assert cfg.train.center_collapse_gradient == "mlrc"  # computes nothing different
-
-
-@pytest.mark.slow
-def test_step_variants_times_each_and_says_which_keep_the_weights(capsys):
-    """benchmarks/step_variants.py: every variant timed against the baseline; foreach Adam is
-    the same arithmetic (bit-identical weights), channels-last is not."""
-    assert benchmark_script("step_variants").main(["--steps", "2", "--rounds", "1"]) == 0
-    variants = {"baseline", "foreach_adam", "channels_last", "compiled"}
-    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()
-            if line.split() and line.split()[0] in variants}
-    assert set(rows) == variants
-    assert rows["baseline"].endswith("1.00x  bit-identical")
-    assert rows["foreach_adam"].endswith("bit-identical")
-    assert rows["channels_last"].endswith("differ")
