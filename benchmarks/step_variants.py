@@ -11,11 +11,15 @@ configuration at its batch (32 x 3 x 32 x 32), one torch thread, in these varian
   foreach_adam    the same with Adam(foreach=True): one fused call per operation over all tensors
   channels_last   model and batch in channels-last memory format (oneDNN's preferred layout)
   compiled        torch.compile(model) (inductor, C++ on the CPU); compile time not counted
+  half_widths     a smaller benchmark: small_cnn at half its widths (8-16-32-64, randomly
+                  initialised: no pretrained trunk of that shape exists)
+  input_24px      a smaller benchmark: 24x24 instead of 32x32 images
 
 The variants run in interleaved rounds (A B C D, A B C D, ...) so that a noisy machine slows
 them alike; the median round of each is compared with the baseline's. Also reported: whether
 the variant's weights after the timed steps are bit-identical to the baseline's (the same seed,
-batch and steps), i.e. whether it could replace the baseline without changing any result.
+batch and steps), i.e. whether it could replace the baseline without changing any result (the
+two smaller benchmarks change the model or its input, so they cannot).
 """
 
 from __future__ import annotations
@@ -29,18 +33,32 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-VARIANTS = ("baseline", "foreach_adam", "channels_last", "compiled")
+VARIANTS = ("baseline", "foreach_adam", "channels_last", "compiled", "half_widths", "input_24px")
+OTHER_MODEL = ("half_widths", "input_24px")
 
 
 def build(variant: str, cfg, num_classes: int):
     """(step function, model, loss) of one variant, from the same seed."""
+    import copy
+    import dataclasses
+
     import torch
 
+    from harness.models import TRUNKS, SmallCNN
     from harness.train import build_fold_modules
 
-    torch.manual_seed(0)
-    model, loss_fn, model_opt, loss_opt = build_fold_modules(cfg, num_classes,
-                                                             torch.device("cpu"))
+    widths, spec = SmallCNN.WIDTHS, TRUNKS["small_cnn"]
+    if variant == "half_widths":  # for this build only: the class and registry are restored
+        cfg = copy.deepcopy(cfg)
+        cfg.model.pretrained = False
+        SmallCNN.WIDTHS = tuple(w // 2 for w in widths)
+        TRUNKS["small_cnn"] = dataclasses.replace(spec, feature_dim=SmallCNN.WIDTHS[-1])
+    try:
+        torch.manual_seed(0)
+        model, loss_fn, model_opt, loss_opt = build_fold_modules(cfg, num_classes,
+                                                                 torch.device("cpu"))
+    finally:
+        SmallCNN.WIDTHS, TRUNKS["small_cnn"] = widths, spec
     if variant == "foreach_adam":
         model_opt = type(model_opt)(model.parameters(),
                                     **(model_opt.defaults | {"foreach": True}))
@@ -51,8 +69,8 @@ def build(variant: str, cfg, num_classes: int):
         model = model.to(memory_format=torch.channels_last)
     forward = torch.compile(model) if variant == "compiled" else model
     generator = torch.Generator().manual_seed(1)
-    images = torch.randn(cfg.train.batch_size, 3, cfg.data.crop, cfg.data.crop,
-                         generator=generator)
+    size = 24 if variant == "input_24px" else cfg.data.crop
+    images = torch.randn(cfg.train.batch_size, 3, size, size, generator=generator)
     if variant == "channels_last":
         images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.arange(cfg.train.batch_size // cfg.train.m_per_class).repeat_interleave(
@@ -103,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     base_model, base_loss = built["baseline"][1], built["baseline"][2]
 
     def same_weights(variant: str) -> bool:
+        if variant in OTHER_MODEL:
+            return False
         _, model, loss_fn = built[variant]
         pairs = [*zip(base_model.state_dict().values(), model.state_dict().values()),
                  *zip(base_loss.state_dict().values(), loss_fn.state_dict().values())]
@@ -115,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'variant':<15} {'ms/step':>8} {'vs baseline':>12}  weights after the steps")
     for variant in VARIANTS:
         ms = statistics.median(times[variant])
-        same = "bit-identical" if same_weights(variant) else "differ"
+        same = "another benchmark" if variant in OTHER_MODEL else \
+            "bit-identical" if same_weights(variant) else "differ"
         print(f"{variant:<15} {ms:8.2f} {base / ms:11.2f}x  {same}")
     return 0
 
