@@ -6,17 +6,20 @@ the full comparison takes about 4 hours per seed on 2 cores against a goal of 60
 Times one training step (forward, loss, backward, both optimiser steps) of the study's embedded
 configuration at its batch (32 x 3 x 32 x 32), one torch thread, in these variants:
 
-  baseline        harness.train.build_fold_modules as a fold trains (torch's Adam picks its
-                  per-tensor loop on the CPU)
+  baseline        harness.train.build_fold_modules and training_step, as a fold trains
+                  (torch's Adam picks its per-tensor loop on the CPU)
   foreach_adam    the same with Adam(foreach=True): one fused call per operation over all tensors
   channels_last   model and batch in channels-last memory format (oneDNN's preferred layout)
   compiled        torch.compile(model) (inductor, C++ on the CPU); compile time not counted
   half_widths     a smaller benchmark: small_cnn at half its widths (8-16-32-64, randomly
                   initialised: no pretrained trunk of that shape exists)
   input_24px      a smaller benchmark: 24x24 instead of 32x32 images
+  baseline_again  the baseline built and timed a second time: how far apart two timings of the
+                  same step come on this machine (a ratio within that is no difference)
 
-The variants run in interleaved rounds (A B C D, A B C D, ...) so that a noisy machine slows
-them alike; the median round of each is compared with the baseline's. Also reported: whether
+The variants run in interleaved rounds, each round starting one variant later (A B C, B C A,
+...), so that a noisy machine slows them alike; the median round of each is compared with the
+baseline's. Also reported: whether
 the variant's weights after the timed steps are bit-identical to the baseline's (the same seed,
 batch and steps), i.e. whether it could replace the baseline without changing any result (the
 two smaller benchmarks change the model or its input, so they cannot).
@@ -33,7 +36,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-VARIANTS = ("baseline", "foreach_adam", "channels_last", "compiled", "half_widths", "input_24px")
+VARIANTS = ("baseline", "foreach_adam", "channels_last", "compiled", "half_widths", "input_24px",
+            "baseline_again")
 OTHER_MODEL = ("half_widths", "input_24px")
 
 
@@ -45,15 +49,15 @@ def build(variant: str, cfg, num_classes: int):
     import torch
 
     from harness.models import TRUNKS, SmallCNN
-    from harness.train import build_fold_modules
+    from harness.train import build_fold_modules, training_step
 
     widths, spec = SmallCNN.WIDTHS, TRUNKS["small_cnn"]
-    if variant == "half_widths":  # for this build only: the class and registry are restored
-        cfg = copy.deepcopy(cfg)
-        cfg.model.pretrained = False
-        SmallCNN.WIDTHS = tuple(w // 2 for w in widths)
-        TRUNKS["small_cnn"] = dataclasses.replace(spec, feature_dim=SmallCNN.WIDTHS[-1])
     try:
+        if variant == "half_widths":  # for this build only: the class and registry are restored
+            cfg = copy.deepcopy(cfg)
+            cfg.model.pretrained = False
+            SmallCNN.WIDTHS = tuple(w // 2 for w in widths)
+            TRUNKS["small_cnn"] = dataclasses.replace(spec, feature_dim=SmallCNN.WIDTHS[-1])
         torch.manual_seed(0)
         model, loss_fn, model_opt, loss_opt = build_fold_modules(cfg, num_classes,
                                                                  torch.device("cpu"))
@@ -78,14 +82,8 @@ def build(variant: str, cfg, num_classes: int):
     model.train()
 
     def step() -> None:
-        loss = loss_fn(forward(images), labels)
-        model_opt.zero_grad(set_to_none=True)
-        if loss_opt is not None:
-            loss_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        model_opt.step()
-        if loss_opt is not None:
-            loss_opt.step()
+        training_step(forward, loss_fn, model_opt, loss_opt, images, labels, amp=False,
+                      grad_clip=cfg.train.grad_clip)
 
     return step, model, loss_fn
 
@@ -110,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(10):
             step()
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    for _ in range(args.rounds):
-        for variant in VARIANTS:
+    for r in range(args.rounds):
+        for variant in VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]:
             step = built[variant][0]
             began = time.perf_counter()
             for _ in range(args.steps):
@@ -135,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'variant':<15} {'ms/step':>8} {'vs baseline':>12}  weights after the steps")
     for variant in VARIANTS:
         ms = statistics.median(times[variant])
-        same = "another benchmark" if variant in OTHER_MODEL else \
-            "bit-identical" if same_weights(variant) else "differ"
+        same = "reference" if variant == "baseline" else "another benchmark" \
+            if variant in OTHER_MODEL else "bit-identical" if same_weights(variant) else "differ"
         print(f"{variant:<15} {ms:8.2f} {base / ms:11.2f}x  {same}")
     return 0
 

@@ -230,7 +230,7 @@ def pretrain(params: PretrainParams, images: np.ndarray, labels: np.ndarray,
     """Train GlyphClassifier; returns (trunk state dict, held-out top-1 accuracy)."""
     from harness.progress import bar
 
-    torch.manual_seed(params.seed)
+    torch.default_generator.manual_seed(params.seed)  # the CPU's only: the caller's CUDA stays
     rng = np.random.default_rng(params.seed)
     held_out = np.zeros(len(labels), dtype=bool)
     for label in np.unique(labels):  # the first HELD_OUT_PER_CLASS images of every class

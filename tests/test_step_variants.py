@@ -13,11 +13,12 @@ def test_step_variants_times_each_and_says_which_keep_the_weights(capsys):
     results/bench/step_variants_cpu.txt says)."""
     assert benchmark_script("step_variants").main(["--steps", "2", "--rounds", "1"]) == 0
     variants = {"baseline", "foreach_adam", "channels_last", "compiled", "half_widths",
-                "input_24px"}
+                "input_24px", "baseline_again"}
     rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()
             if line.split() and line.split()[0] in variants}
     assert set(rows) == variants
-    assert rows["baseline"].endswith("1.00x  bit-identical")
+    assert rows["baseline"].endswith("1.00x  reference")
+    assert rows["baseline_again"].endswith("bit-identical")  # the step is deterministic
     assert rows["foreach_adam"].endswith("bit-identical")
     # The smaller-trunk variant patched the trunk class and registry for its own build only.
     from harness.models import TRUNKS, SmallCNN
