@@ -33,42 +33,38 @@ from benchmarks.embedded_comparison import run_study  # noqa: E402
 COPY_IGNORE = shutil.ignore_patterns(".lock", "*.db.lock")  # a copy starts unlocked
 
 
-def add_tf32_if_cpu_only(folder: Path) -> None:
-    """config.json without train.tf32: state the float32 the run had, if it ran on the CPU."""
-    path = folder / "config.json"
-    config = json.loads(path.read_text())
-    if "tf32" in config.get("train", {}):
-        return
-    invocations = json.loads((folder / "provenance.json").read_text())
-    devices = {str((i.get("hardware") or {}).get("device", "")) for i in invocations}
-    if not devices or any(not d.startswith("cpu") for d in devices):
-        raise SystemExit(f"{folder}: config.json predates train.tf32 and the run used "
-                         f"{sorted(devices)}, where TF32 may have been on; it cannot be grown "
-                         f"as the same study")
-    config["train"]["tf32"] = False
-    path.write_text(json.dumps(config, indent=2))
-
-
-def add_collapse_gradient_if_known(folder: Path) -> None:
-    """config.json without train.center_collapse_gradient: state the gradient the run had at
-    collapsed SoftTriple centers (harness.provenance older_center_collapse_gradient). Unknown
-    is refused for every loss (retrain_trial can tell a loss without the regulariser, but the
-    copy must resume under the profile's own value, which is only known to be right when the
-    run computed it)."""
+def state_older_settings(folder: Path) -> None:
+    """config.json written before train.tf32 or train.center_collapse_gradient existed: state
+    what the run computed, read once from its provenance.json (module docstring), or refuse
+    before anything is written. Unknown collapse gradient is refused for every loss
+    (retrain_trial can tell a loss without the regulariser, but the copy must resume under the
+    profile's own value, which is only known to be right when the run computed it)."""
     from harness.provenance import older_center_collapse_gradient
     from harness.run_folder import read_json
 
     path = folder / "config.json"
     config = json.loads(path.read_text())
-    if "center_collapse_gradient" in config.get("train", {}):
+    train = config.setdefault("train", {})
+    if "tf32" in train and "center_collapse_gradient" in train:
         return
-    mode = older_center_collapse_gradient(read_json(folder / "provenance.json"))
-    if mode is None:
-        raise SystemExit(f"{folder}: config.json predates train.center_collapse_gradient and "
-                         f"its provenance.json (missing, unreadable, or some run under a torch "
-                         f"before 2.14.1) does not say which gradient it computed; it cannot be "
-                         f"grown as the same study")
-    config["train"]["center_collapse_gradient"] = mode
+    invocations = read_json(folder / "provenance.json")
+    invocations = [i for i in invocations if isinstance(i, dict)] \
+        if isinstance(invocations, list) else []
+    if "tf32" not in train:
+        devices = {str((i.get("hardware") or {}).get("device", "")) for i in invocations}
+        if not devices or any(not d.startswith("cpu") for d in devices):
+            raise SystemExit(f"{folder}: config.json predates train.tf32 and the run used "
+                             f"{sorted(devices)}, where TF32 may have been on; it cannot be "
+                             f"grown as the same study")
+        train["tf32"] = False
+    if "center_collapse_gradient" not in train:
+        mode = older_center_collapse_gradient(invocations)
+        if mode is None:
+            raise SystemExit(f"{folder}: config.json predates train.center_collapse_gradient "
+                             f"and its provenance.json (missing, unreadable, or some run under "
+                             f"a torch before 2.14.1) does not say which gradient it computed; "
+                             f"it cannot be grown as the same study")
+        train["center_collapse_gradient"] = mode
     path.write_text(json.dumps(config, indent=2))
 
 
@@ -77,8 +73,7 @@ def copy_study(source: Path, target: Path) -> None:
     it is the same study)."""
     if not target.exists():
         shutil.copytree(source, target, ignore=COPY_IGNORE)
-    add_tf32_if_cpu_only(target)
-    add_collapse_gradient_if_known(target)
+    state_older_settings(target)
 
 
 def grow(folder: Path, study: str, seed: int, trials: int) -> dict:

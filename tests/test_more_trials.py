@@ -60,8 +60,11 @@ def test_a_run_from_before_the_collapse_gradient_setting_is_copied_with_what_it_
 def test_a_run_under_an_older_torch_is_refused(tmp_path, versions):
     source = study_folder(tmp_path / "src" / "m_glyphs", ["cpu"] * len(versions),
                           torch_versions=versions)
+    target = tmp_path / "out" / "m_glyphs"
     with pytest.raises(SystemExit, match="predates train.center_collapse_gradient"):
-        benchmark_script("more_trials").copy_study(source, tmp_path / "out" / "m_glyphs")
+        benchmark_script("more_trials").copy_study(source, target)
+    # Refused before anything is written: the copy's config is the original's.
+    assert (target / "config.json").read_text() == (source / "config.json").read_text()
 
 
 def test_a_copy_is_grown_with_the_comparisons_own_arguments(tmp_path, monkeypatch):
