@@ -51,12 +51,16 @@ def library_versions() -> dict:
 NUMERIC_PACKAGES = ("torch", "pytorch-metric-learning")
 
 
-def numeric_versions(versions: dict) -> str:
-    """'torch 2.14.1, pytorch-metric-learning 2.9.0' from a provenance record's versions. A
+def release(versions: dict, name: str) -> str:
+    """The release of package `name` in a provenance record's versions ('?' if unrecorded). A
     local build label (torch's '+cu130', '+cpu') is left out: the same release computes the
     same on the CPU whichever build it is."""
-    return ", ".join(f"{name} {str(versions.get(name, '?')).split('+')[0]}"
-                     for name in NUMERIC_PACKAGES)
+    return str(versions.get(name, "?")).split("+")[0]
+
+
+def numeric_versions(versions: dict) -> str:
+    """'torch 2.14.1, pytorch-metric-learning 2.9.0' from a provenance record's versions."""
+    return ", ".join(f"{name} {release(versions, name)}" for name in NUMERIC_PACKAGES)
 
 
 def recorded_numeric_versions(invocations) -> list[str]:
@@ -87,8 +91,7 @@ def older_center_collapse_gradient(invocations) -> str | None:
         return None
     for inv in invocations:
         versions = inv.get("versions") if isinstance(inv, dict) else None
-        release = str(versions.get("torch")).split("+")[0] if isinstance(versions, dict) else ""
-        parts = release.split(".")
+        parts = release(versions, "torch").split(".") if isinstance(versions, dict) else []
         if len(parts) != 3 or not all(p.isdigit() for p in parts):
             return None  # unrecorded, or a pre-release such as 2.14.0a0
         if tuple(int(p) for p in parts) < CLAMP_GRADIENT_ZERO_FROM:
