@@ -19,10 +19,10 @@ configuration at its batch (32 x 3 x 32 x 32), one torch thread, in these varian
 
 The variants run in interleaved rounds, each round starting one variant later (A B C, B C A,
 ...), so that a noisy machine slows them alike; the median round of each is compared with the
-baseline's. Also reported: whether
-the variant's weights after the timed steps are bit-identical to the baseline's (the same seed,
-batch and steps), i.e. whether it could replace the baseline without changing any result (the
-two smaller benchmarks change the model or its input, so they cannot).
+baseline's. Also reported: whether the variant's weights after the timed steps are
+bit-identical to the baseline's (the same seed, batch and steps), i.e. whether it could replace
+the baseline without changing any result (the two smaller benchmarks change the model or its
+input, so they cannot).
 """
 
 from __future__ import annotations
