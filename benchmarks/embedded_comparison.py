@@ -14,12 +14,13 @@ wall time, share of final folds ended by early stopping, trained vs untrained te
 Running `run` again into the same folder with other `--methods` adds them: comparison.json keeps
 each invocation as a batch, and the table and the report cover every study of the folder that
 succeeded. The studies of one folder must share the seed, trials and reproductions, and every
-setting but the method (config.json) and the trunk file (its sha256 in provenance.json): a new
-batch that would differ (a changed profile, a rebuilt trunk) is refused before any training.
+setting but the method (config.json) and the trunk (its tensors' hash in provenance.json, or
+the file's hash for folders written before that was recorded): a new batch that would differ (a
+changed profile, a trunk with other weights) is refused before any training.
 
 `spearman` ranks the methods of two runs by concatenated test MAP@R and writes the Spearman rank
 correlation with both tables (by default seeds.md in the first run's parent folder); the two
-folders' studies must differ in the seed only (same settings and trunk file), or it refuses.
+folders' studies must differ in the seed only (same settings and trunk), or it refuses.
 """
 
 from __future__ import annotations
@@ -47,16 +48,18 @@ def all_methods() -> list[str]:
     return [loss_row(name).alias for name in loss_names()]
 
 
-def prepare_once() -> str:
+def prepare_once() -> dict:
     """Render the glyphs and build the trunk before parallel studies would each wait on it;
-    the trunk file's sha256 (what every study of this invocation starts from)."""
+    the trunk file's hashes, as provenance.json records them (what every study of this
+    invocation starts from)."""
     from harness.config import load_study
     from harness.data import prepare_data
     from harness.models import find_weights_file
-    from harness.provenance import file_sha256
+    from harness.provenance import file_sha256, tensors_sha256
 
     prepare_data(load_study("quickstart"))
-    return file_sha256(find_weights_file("small_cnn"))
+    path = find_weights_file("small_cnn")
+    return {"sha256": file_sha256(path), "tensors_sha256": tensors_sha256(path)}
 
 
 def study_argv(study: str, args, out: Path) -> list[str]:
@@ -71,43 +74,55 @@ def study_argv(study: str, args, out: Path) -> list[str]:
 PER_METHOD_KEYS = ("name", "description", "loss")
 
 
-def protocol(config: dict, trunk_sha256: str | None, also_ignore: tuple = (),
+def protocol(config: dict, trunk: dict | None, also_ignore: tuple = (),
              libraries: str | None = None) -> dict:
-    """A study's config without its method, plus the trunk file it started from and the torch
+    """A study's config without its method, plus the trunk it started from (provenance.json's
+    trunk_weights: the file's hash and, since it was recorded, its tensors' hash) and the torch
     and pml versions it ran with (`harness.provenance.numeric_versions`; a SoftTriple run
     differs between torch 2.11 and 2.14): what every study in one table (or, less the seed, in
     both seeds) must share."""
     ignore = PER_METHOD_KEYS + also_ignore
     kept = {k: v for k, v in flat_config(config).items() if k.split(".")[0] not in ignore}
-    return {**kept, "trunk sha256": trunk_sha256, "libraries": libraries}
+    trunk = trunk if isinstance(trunk, dict) else {}
+    return {**kept, "trunk sha256": trunk.get("sha256"),
+            "trunk tensors sha256": trunk.get("tensors_sha256"), "libraries": libraries}
 
 
 def recorded_protocol(run_dir: Path, also_ignore: tuple = ()) -> dict:
-    """The protocol a finished study folder records: config.json, the trunk hash of its last
-    invocation's provenance.json (None where it predates recording it) and the torch/pml
+    """The protocol a finished study folder records: config.json, the trunk hashes of its
+    last invocation's provenance.json (None where it predates recording them), the torch/pml
     versions of all its invocations (more than one: joined with ' + ', which matches no single
-    version). Both files are untrusted: unreadable ones are a clear refusal."""
+    version) and the data's fingerprint in split_manifest.json (None where it predates it).
+    The files are untrusted: unreadable ones are a clear refusal."""
     from harness.provenance import recorded_numeric_versions
+    from harness.splits import recorded_data_fingerprint
 
     try:
         config = json.loads((run_dir / "config.json").read_text())
         invocations = json.loads((run_dir / "provenance.json").read_text())
-        trunk = (invocations[-1].get("trunk_weights") or {}).get("sha256")
+        trunk = invocations[-1].get("trunk_weights")
     except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
         raise SystemExit(f"{run_dir}: config.json/provenance.json unreadable ({e!r}); it cannot "
                          f"be compared with the other studies") from None
     libraries = " + ".join(recorded_numeric_versions(invocations)) or None
-    return protocol(config, trunk, also_ignore, libraries)
+    return {**protocol(config, trunk, also_ignore, libraries),
+            "data fingerprint": recorded_data_fingerprint(run_dir / "split_manifest.json")}
+
+
+RECORDED_KEYS = ("trunk sha256", "trunk tensors sha256", "libraries", "data fingerprint")
 
 
 def differences(a: dict, b: dict) -> list[str]:
     """'key: A vs B' for each key where two protocols differ, a setting that one study's
     config lacks (written by an older harness) included; an unrecorded trunk hash or library
-    version (None: not recorded) is not a difference."""
+    version (None: not recorded) is not a difference, and where both record the trunk's
+    tensors, two files holding the same tensors are the same trunk."""
     older = "absent (an older harness)"
+    by_tensors = a.get("trunk tensors sha256") and b.get("trunk tensors sha256")
     return [f"{k}: {describe(k, x, older)} vs {describe(k, y, older)}"
             for k, x, y in config_differences(a, b)
-            if not (k in ("trunk sha256", "libraries") and None in (x, y))]
+            if not (k in RECORDED_KEYS and None in (x, y))
+            and not (k == "trunk sha256" and by_tensors)]
 
 
 def refuse_mixed_protocols(protocols: dict[str, dict], what: str) -> None:
@@ -218,7 +233,7 @@ def succeeded_studies(out: Path, record: dict) -> list[str]:
     return [s for s in dict.fromkeys(succeeded) if (out / s / "final" / "summary.json").exists()]
 
 
-def check_extends_alike(out: Path, record: dict, studies: list[str], args, trunk: str) -> None:
+def check_extends_alike(out: Path, record: dict, studies: list[str], args, trunk: dict) -> None:
     """Before any training: the studies this invocation will run share the folder's protocol
     (the config less the method, the trunk file, and the torch and pml versions), or refuse.
     Otherwise a changed profile, a rebuilt trunk or another torch would slip into one table
@@ -416,7 +431,7 @@ def both_seeds_table(tables: list, common: list[str]) -> pd.DataFrame:
 
 def check_seeds_alike(runs: list[Path], common: list[str]) -> None:
     """Two seeds compare one protocol: each method's study in both folders, where its folder is
-    there, has the same config less method and seed, and the same trunk file."""
+    there, has the same config less method and seed, and the same trunk."""
     protocols = {f"{run / study}": recorded_protocol(run / study, also_ignore=("seed",))
                  for study in common for run in runs if (run / study).is_dir()}
     if protocols:

@@ -108,20 +108,20 @@ def trial_record(study_dir: Path, number: int):
 
 
 def check_same_split(study_dir: Path, data) -> None:
-    """Refuse unless the data splits exactly as the study's split_manifest.json records."""
-    from harness.splits import write_manifest
+    """Refuse unless the data splits exactly as the study's split_manifest.json records (and,
+    where it records one, has the same fingerprint: harness.splits.manifest_differences)."""
+    from harness.splits import manifest_differences, split_manifest
 
     recorded = study_dir / "split_manifest.json"
-    with tempfile.TemporaryDirectory() as tmp:
-        now = write_manifest(Path(tmp) / "m.json", data.records, data.split)
     try:
         then = json.loads(recorded.read_text())
     except (OSError, ValueError) as e:
         raise SystemExit(f"{recorded}: cannot read the study's split ({e})") from None
-    if json.loads(json.dumps(now, default=int)) != then:
+    found = manifest_differences(then, split_manifest(data.records, data.split))
+    if found:
         raise SystemExit(f"{recorded}: the data here splits differently from the study's "
-                         f"(another data set version or root); the folds would not be the "
-                         f"same")
+                         f"(another data set version or root: {'; '.join(found)}); the folds "
+                         f"would not be the same")
 
 
 def record(path: Path, *keys: str) -> dict:

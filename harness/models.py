@@ -252,7 +252,7 @@ def load_trunk_weights(net: nn.Module, trunk: str, weights: str = "") -> Path:
     """Load pretrained weights into `net`; returns the file used. Never downloads."""
     spec = _trunk_spec(trunk)
     path = find_weights_file(trunk, weights)
-    state = _read_state_dict(path)
+    state = read_state_dict(path)
     expected = net.state_dict()
     state = spec.adapt_state_dict(state, expected)
     _check_fit(state, expected, path, trunk)
@@ -292,7 +292,7 @@ def _how_to_get(spec: TrunkSpec) -> str:
             f"cache), or --set model.pretrained=false to train from random initialisation.")
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         # weights_only: a weight file is data; never run the code a pickle could carry.
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -119,6 +119,32 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def tensors_sha256(path: Path) -> str:
+    """Hex SHA-256 of a weight file's tensors (names, dtypes, shapes, bytes), not of its bytes:
+    two files that torch.save wrote differently (another serialisation, another zip layout)
+    but that load to the same weights get the same hash. WeightsError for a file that is not a
+    state dict of tensors."""
+    import torch
+
+    from harness.models import read_state_dict
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(read_state_dict(Path(path)).items()):
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}\n{flat.dtype}\n{tuple(tensor.shape)}\n".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def same_trunk(earlier: dict, now: dict) -> bool:
+    """Whether two provenance records of a trunk weight file ({"sha256", "tensors_sha256"})
+    name the same weights: by their tensors where both record them, else by the file's bytes
+    (records written before tensors_sha256 existed)."""
+    if earlier.get("tensors_sha256") and now.get("tensors_sha256"):
+        return earlier["tensors_sha256"] == now["tensors_sha256"]
+    return earlier.get("sha256") == now.get("sha256")
+
+
 def redact_word(word: str) -> str:
     """One command-line word or value with any URL password replaced by *** (run folders may
     sit on shared disks): `postgresql://u:pw@h/db` and `--storage=postgresql://u:pw@h/db`."""

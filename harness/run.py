@@ -25,7 +25,8 @@ from harness.config import RUNS_DIR, StudyConfig, load_study
 from harness.errors import ConfigError, HarnessError
 from harness.provenance import provenance
 from harness.run_folder import (RESUMABLE_KEYS, check_output_dir, write_json_atomic,  # noqa: F401 (re-exported)
-                                check_same_study, check_study_database, read_json)
+                                check_same_data, check_same_study, check_same_trunk,
+                                check_study_database, read_json, write_bytes_atomic)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -153,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     from harness.storage import default_storage, sqlite_path
     from harness.search import (best_trial, config_for_params, run_search,
                                 write_search_summary)
-    from harness.splits import write_manifest
+    from harness.splits import manifest_text, split_manifest
 
     cfg = resolve_config(args)
     output = output_dir(args, cfg)
@@ -167,15 +168,16 @@ def run(args: argparse.Namespace) -> int:
     storage = args.storage or default_storage(output)
     check_study_database(sqlite_path(storage), output)
     trunk_weights = _trunk_weights(cfg)  # may build the glyph trunk: not under the lock
+    check_same_trunk(output, trunk_weights)
+    started = time.time()
+    data = prepare_data(cfg)
+    manifest = split_manifest(data.records, data.split)
+    check_same_data(output, manifest, f"{cfg.data.dataset} at {data.records.root}")
+    preflight(cfg, data, device)  # weight file, loss, sampler: fail now, not inside trial 0
     with output_lock(output):  # several workers may share one output folder
         write_json_atomic(output / "config.json", cfg.to_dict())
         _log_invocation(output, device, storage, trunk_weights)
-
-    started = time.time()
-    data = prepare_data(cfg)
-    preflight(cfg, data, device)  # weight file, loss, sampler: fail now, not inside trial 0
-    with output_lock(output):
-        write_manifest(output / "split_manifest.json", data.records, data.split)
+        write_bytes_atomic(output / "split_manifest.json", manifest_text(manifest).encode())
     print(f"[{cfg.name}] {cfg.data.dataset}: {len(data.records)} images; output {output}")
 
     if args.stage in ("all", "search"):
@@ -277,13 +279,14 @@ def _trunk_weights(cfg: StudyConfig) -> dict | None:
     no file yet: preflight then says what is missing). The glyph trunk is built here on first
     use."""
     from harness.models import find_weights_file
-    from harness.provenance import file_sha256
+    from harness.provenance import file_sha256, tensors_sha256
 
     if not cfg.model.pretrained:
         return None
     try:
         weights = find_weights_file(cfg.model.trunk, cfg.model.weights)
-        return {"file": str(weights), "sha256": file_sha256(weights)}
+        return {"file": str(weights), "sha256": file_sha256(weights),
+                "tensors_sha256": tensors_sha256(weights)}
     except (HarnessError, OSError):
         return None
 

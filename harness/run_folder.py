@@ -8,6 +8,8 @@ Everything reused must still belong to what the user asked for, so:
     configuration is never resumed (`claim_fold_dir`) nor tested (`fold_dir_owned_by`);
   * the study database must be there and valid when the folder already holds a run
     (`check_study_database`): an emptied database would silently start the search again;
+  * the data and the trunk weights must be the ones the folder ran on (`check_same_data`,
+    `check_same_trunk`): config.json names data.root and model.weights, not what they hold;
   * files are written atomically, under a name unique to the writing process.
 """
 
@@ -146,6 +148,77 @@ def check_study_database(storage_path: Path | None, output: Path) -> None:
         raise ConfigError(f"{output} holds search trials (trials/) but no study database "
                           f"{storage_path.name}: restore it, or move the run folder away to "
                           f"start a new search")
+
+
+def check_same_trunk(output: Path, trunk_weights: dict | None) -> None:
+    """Refuse to resume a folder whose earlier invocations started from other trunk weights
+    (provenance.json's trunk_weights): config.json names the weight file, not what is in it,
+    and a replaced file (or a glyph trunk rebuilt under another key) would mix two starting
+    points in one search. Compared by tensors where both records have them, else by file
+    hash (`harness.provenance.same_trunk`)."""
+    from harness.provenance import same_trunk
+
+    runs = read_json(output / "provenance.json")
+    if trunk_weights is None or not isinstance(runs, list):
+        return  # no pretrained trunk, or none found (preflight says so); a new folder
+    earlier = [run["trunk_weights"] for run in runs
+               if isinstance(run, dict) and isinstance(run.get("trunk_weights"), dict)]
+    other = next((e for e in earlier
+                  if not same_trunk(_with_tensors(e, trunk_weights), trunk_weights)), None)
+    if other is not None:
+        raise ConfigError(
+            f"{output} was run from other trunk weights: {_weights(other)} then, "
+            f"{_weights(trunk_weights)} now. Resuming would mix two starting points in one "
+            f"study. Restore the weights it ran with (model.weights; for the glyph trunk, the "
+            f"cache under $HARNESS_CACHE), or choose another --output.")
+
+
+def _with_tensors(record: dict, now: dict) -> dict:
+    """A record from before tensor hashes were kept, completed with the tensors' hash of the
+    file it names when that file is still there with the recorded bytes (so a rebuilt file
+    holding the same weights resumes); else the record as it is. Read with weights_only, like
+    every weight file: no code in it runs."""
+    from harness.errors import HarnessError
+    from harness.provenance import file_sha256, tensors_sha256
+
+    if record.get("tensors_sha256") or not now.get("tensors_sha256") or \
+            record.get("sha256") == now.get("sha256") or not isinstance(record.get("file"), str):
+        return record
+    try:
+        path = Path(record["file"])
+        if path.is_file() and file_sha256(path) == record.get("sha256"):
+            return {**record, "tensors_sha256": tensors_sha256(path)}
+    except (HarnessError, OSError):
+        pass
+    return record
+
+
+def _weights(record: dict) -> str:
+    tensors = str(record.get("tensors_sha256") or "")[:12]
+    return (f"{record.get('file')} (file sha256 {str(record.get('sha256'))[:12]}..."
+            + (f", tensors {tensors}..." if tensors else "") + ")")
+
+
+def check_same_data(output: Path, manifest: dict, where: str) -> None:
+    """Refuse to resume a folder whose split_manifest.json records other data or another split
+    (images added or removed, another version of the data set, other pixels): data.root may
+    change between invocations (the data moved), what it holds may not."""
+    from harness.splits import manifest_differences
+
+    path = output / "split_manifest.json"
+    if not path.exists():
+        return
+    recorded = read_json(path)
+    if recorded is None:
+        raise ConfigError(f"{path} is unreadable, so this run cannot check that it resumes on "
+                          f"the data its earlier trials used. If {where} holds that data, "
+                          f"delete the file to go on; else choose another --output.")
+    found = manifest_differences(recorded, manifest)
+    if found:
+        raise ConfigError(
+            f"{output} was run on other data than {where} holds now ({'; '.join(found)}): its "
+            f"earlier trials trained and validated on other folds. Point data.root at the data "
+            f"it was run on, or choose another --output.")
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ No shuffling and no seed: every run of every study sees the same folds.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,12 +107,15 @@ def _class_range(classes: np.ndarray) -> str:
     return f"{len(classes)} classes ({classes.min()}..{classes.max()})" if len(classes) else "none"
 
 
-def write_manifest(path: Path, records: Records, split: Split) -> dict:
-    """Write the split to JSON: every class list and image count, so a run can be audited."""
+def split_manifest(records: Records, split: Split) -> dict:
+    """The split as JSON data: every class list and image count, so a run can be audited, and
+    the data's fingerprint (`Records.fingerprint`), so a resumed run can check that it trains
+    on the data its earlier trials did (`manifest_differences`)."""
     query, gallery = query_gallery_indices(records, split)
     partition = "train" if split.kind == "inshop" else None
     manifest = {
         "dataset": records.name,
+        "data_fingerprint": records.fingerprint(),
         "kind": split.kind,
         "num_images": len(records),
         "num_classes": int(len(np.unique(records.labels))),
@@ -126,9 +130,75 @@ def write_manifest(path: Path, records: Records, split: Split) -> dict:
                    "val_images": int(len(sample_indices(records, f.val_classes, partition)))}
                   for f in split.folds],
     }
-    path.write_text(json.dumps(manifest, default=int) + "\n")
+    return json.loads(json.dumps(manifest, default=int))  # plain JSON data, as read back
+
+
+def manifest_text(manifest: dict) -> str:
+    """The file's text: one line (SOP's class lists would be 100,000 lines indented)."""
+    return json.dumps(manifest) + "\n"
+
+
+def write_manifest(path: Path, records: Records, split: Split) -> dict:
+    """Write `split_manifest` to path; returns it."""
+    manifest = split_manifest(records, split)
+    path.write_text(manifest_text(manifest))
     return manifest
 
 
+def recorded_data_fingerprint(path: Path) -> str | None:
+    """The data's fingerprint in a split manifest file (64 hex digits), or None: a manifest
+    from before it was recorded, none, or a damaged one (files in a run folder are untrusted)."""
+    try:
+        manifest = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    value = manifest.get("data_fingerprint") if isinstance(manifest, dict) else None
+    return value if isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) else None
+
+
+def manifest_differences(recorded: object, now: dict) -> list[str]:
+    """'what: recorded -> now' for each entry of a split manifest that differs; an entry the
+    recorded manifest lacks (written before the harness recorded it, e.g. data_fingerprint) is
+    not compared. A recorded manifest that is not one is a difference in itself."""
+    if not isinstance(recorded, dict):
+        return ["the recorded manifest is not a JSON object"]
+    found = []
+    for key, value in now.items():
+        if key not in recorded or recorded[key] == value:
+            continue
+        if key == "folds" and isinstance(recorded[key], list) and len(recorded[key]) == len(value):
+            found += [f"fold {i}: {_changed(a, b)}"
+                      for i, (a, b) in enumerate(zip(recorded[key], value)) if a != b]
+        elif key == "test" and isinstance(recorded[key], dict):
+            found.append(f"test: {_changed(recorded[key], value)}")
+        else:
+            found.append(f"{key}: {_short(recorded[key])} -> {_short(value)}")
+    return found
+
+
+def _changed(a: object, b: dict) -> str:
+    """Which entries of one fold (or of the test set) differ, briefly."""
+    if not isinstance(a, dict):
+        return "not a JSON object"
+    keys = [k for k in b if a.get(k) != b[k]]
+    return ", ".join(f"{k} {_short(a.get(k))} -> {_short(b[k])}"
+                     + (" (other ones)" if _same_length_lists(a.get(k), b[k]) else "")
+                     for k in keys)
+
+
+def _same_length_lists(a: object, b: object) -> bool:
+    return isinstance(a, list) and isinstance(b, list) and len(a) == len(b)
+
+
+def _short(value: object) -> str:
+    """A manifest value for a message: class lists by their length, hashes by 12 digits."""
+    if isinstance(value, list):
+        return f"[{len(value)} classes]"
+    if isinstance(value, str) and len(value) == 64:
+        return value[:12] + "..."
+    return json.dumps(value)
+
+
 __all__ = ["Fold", "Split", "NUM_FOLDS", "mlrc_split", "inshop_split", "make_split",
-           "sample_indices", "query_gallery_indices", "write_manifest"]
+           "sample_indices", "query_gallery_indices", "split_manifest", "manifest_text",
+           "write_manifest", "manifest_differences", "recorded_data_fingerprint"]

@@ -20,7 +20,8 @@ FACTORS = {"precision_at_1": 2.0, "recall_at_1": 2.0, "recall_at_2": 2.4, "recal
 def make_run(root: Path, name: str, *, dataset: str = "glyphs", loss: str = "proxy_anchor",
              sep=((0.2, 0.2, 0.2, 0.2),), conc=(0.3,), untrained: float | None = 0.05,
              p_at_1: dict | None = None, history: bool = False, study_trials: int = 0,
-             trials: int = 3, extra_rows: list[dict] | None = None) -> Path:
+             trials: int = 3, extra_rows: list[dict] | None = None,
+             data_fingerprint: str | None = None) -> Path:
     """A finished run folder `root/name`.
 
     sep: per reproduction, the separated MAP@R of each fold model; conc: per reproduction the
@@ -37,6 +38,9 @@ def make_run(root: Path, name: str, *, dataset: str = "glyphs", loss: str = "pro
               "search": {"trials": trials, "folds": len(sep[0])},
               "final": {"reproductions": len(conc)}}
     (run / "config.json").write_text(json.dumps(config))
+    if data_fingerprint:
+        (run / "split_manifest.json").write_text(json.dumps(
+            {"dataset": dataset, "data_fingerprint": data_fingerprint}))
     rows = []
     for rep, (folds, c) in enumerate(zip(sep, conc)):
         for k, v in enumerate(folds):

@@ -234,9 +234,10 @@ def test_adding_methods_under_another_protocol_is_refused_before_training(
         args = run_args()
         args.device = "cpu"
         record = module.load_record(tmp_path, args)
-        module.check_extends_alike(tmp_path, record, ["cosface_glyphs"], args, TRUNK)
+        module.check_extends_alike(tmp_path, record, ["cosface_glyphs"], args,
+                                   {"sha256": TRUNK})
         return
-    monkeypatch.setattr(module, "prepare_once", lambda: TRUNK)
+    monkeypatch.setattr(module, "prepare_once", lambda: {"sha256": TRUNK})
     trained = []
     monkeypatch.setattr(module, "run_study", lambda s, a, o: trained.append(s))
     with pytest.raises(SystemExit, match=f"cosface_glyphs .*proxy_anchor_glyphs.*{refused}"):
@@ -251,6 +252,41 @@ def test_a_protocol_with_every_pair_compared_catches_a_trunk_after_an_unrecorded
     with pytest.raises(SystemExit, match="new and mid .*trunk sha256: 'x' vs 'y'"):
         driver().refuse_mixed_protocols(protocols, "here")
     driver().refuse_mixed_protocols({k: protocols[k] for k in ("old", "mid")}, "here")
+
+
+def test_trunks_are_compared_by_their_tensors_where_both_studies_record_them():
+    """Two files with the same tensors (another serialisation of one trunk) are one trunk;
+    folders from before tensor hashes were recorded fall back to the file's hash."""
+    differences = driver().differences
+    same_tensors = ({"a": 1, "trunk sha256": "x", "trunk tensors sha256": "t"},
+                    {"a": 1, "trunk sha256": "y", "trunk tensors sha256": "t"})
+    assert differences(*same_tensors) == []
+    assert differences({"a": 1, "trunk sha256": "x", "trunk tensors sha256": "t"},
+                       {"a": 1, "trunk sha256": "x", "trunk tensors sha256": "u"}) == [
+        "trunk tensors sha256: 't' vs 'u'"]
+    assert differences({"a": 1, "trunk sha256": "x", "trunk tensors sha256": None},
+                       {"a": 1, "trunk sha256": "y", "trunk tensors sha256": "t"}) == [
+        "trunk sha256: 'x' vs 'y'"]
+    protocol = driver().protocol({"loss": {"name": "x"}, "train": {"lr": 1}},
+                                 {"file": "f", "sha256": "x", "tensors_sha256": "t"})
+    assert protocol == {"train.lr": 1, "trunk sha256": "x", "trunk tensors sha256": "t",
+                        "libraries": None}
+
+
+def test_studies_on_different_data_are_not_one_protocol(tmp_path):
+    """The split manifest's data fingerprint, where both studies record it, must agree."""
+    config = planned_config("proxy_anchor_glyphs", out=tmp_path)
+    for name, print_ in (("a", "1" * 64), ("b", "2" * 64), ("c", None)):
+        write_finished_study(tmp_path, name, config, TRUNK)
+        if print_:
+            (tmp_path / name / "split_manifest.json").write_text(
+                json.dumps({"data_fingerprint": print_}))
+    protocols = {n: driver().recorded_protocol(tmp_path / n) for n in "abc"}
+    assert protocols["a"]["data fingerprint"] == "1" * 64
+    assert protocols["c"]["data fingerprint"] is None
+    with pytest.raises(SystemExit, match="data fingerprint: '1+' vs '2+'"):
+        driver().refuse_mixed_protocols({n: protocols[n] for n in "ab"}, "here")
+    driver().refuse_mixed_protocols({n: protocols[n] for n in "ac"}, "here")
 
 
 def test_a_setting_one_study_lacks_is_a_difference_that_says_so():
@@ -315,7 +351,8 @@ def test_a_damaged_study_folder_is_a_clear_refusal_before_training(tmp_path, dam
     record = driver().load_record(tmp_path, args)
     with pytest.raises(SystemExit, match="proxy_anchor_glyphs: config.json/provenance.json "
                                          "unreadable"):
-        driver().check_extends_alike(tmp_path, record, ["cosface_glyphs"], args, TRUNK)
+        driver().check_extends_alike(tmp_path, record, ["cosface_glyphs"], args,
+                                     {"sha256": TRUNK})
     assert (tmp_path / "proxy_anchor_glyphs" / damaged).read_text() == "{torn"
 
 
@@ -324,7 +361,7 @@ def test_run_records_the_studies_in_their_order_whatever_order_they_finish(tmp_p
     import time
 
     module = driver()
-    monkeypatch.setattr(module, "prepare_once", lambda: TRUNK)
+    monkeypatch.setattr(module, "prepare_once", lambda: {"sha256": TRUNK})
     monkeypatch.setattr(module.subprocess, "call", lambda *a, **k: 0)  # no report
     delays = {"cosface_glyphs": 0.3, "arcface_glyphs": 0.0, "triplet_glyphs": 0.1}
 

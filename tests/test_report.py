@@ -180,6 +180,35 @@ def test_paper_rows_only_for_methods_present_and_real_datasets():
         == ["PS + Norm-Softmax"]
 
 
+def test_runs_of_one_data_set_on_different_data_get_their_own_tables(tmp_path):
+    """A CUB run on a subset and one on the whole data set are not one table: the split
+    manifests' fingerprints tell them apart; a run without one joins agreeing runs."""
+    full, subset = "a" * 64, "b" * 64
+    make_run(tmp_path, "pa_full", dataset="cub200", sep=A_SEP, conc=A_CONC,
+             data_fingerprint=full)
+    make_run(tmp_path, "nca_full", dataset="cub200", loss="proxy_nca_pp", sep=B_SEP,
+             conc=B_CONC, data_fingerprint=full)
+    make_run(tmp_path, "pa_subset", dataset="cub200", sep=B_SEP, conc=B_CONC,
+             data_fingerprint=subset)
+    make_run(tmp_path, "pa_older", dataset="cub200", sep=A_SEP, conc=A_CONC)
+    report = build_report(None, out=tmp_path / "out", runs_dir=tmp_path, plots=False)
+    assert set(report.tables) == {"cub200 [data aaaaaaaa]", "cub200 [data bbbbbbbb]",
+                                  "cub200 [data unrecorded]"}
+    assert sorted(report.tables["cub200 [data aaaaaaaa]"].query("group == 'harness'")["method"]) \
+        == ["nca_full", "pa_full"]
+    assert (report.tables["cub200 [data bbbbbbbb]"]["group"] == PAPER_LABEL).any()
+    assert set(report.significance["dataset"]) == {"cub200 [data aaaaaaaa]"}  # the one pair
+    assert any("ran on 2 different data sets" in n for n in report.notes)
+    assert (report.out / "table_cub200_data_aaaaaaaa.md").exists()
+
+    make_run(tmp_path, "pa_subset", dataset="cub200", sep=B_SEP, conc=B_CONC,
+             data_fingerprint=full)  # now all recorded ones agree: one table
+    report = build_report(None, out=tmp_path / "out2", runs_dir=tmp_path, plots=False)
+    assert set(report.tables) == {"cub200"}
+    assert any(n.startswith("pa_older (") and "no data fingerprint recorded" in n
+               for n in report.notes)
+
+
 def test_welch_p_value_matches_scipy(two_methods):
     sig = pd.read_csv(two_methods.out / "significance.csv")
     conc = sig[(sig["mode"] == "concatenated") & (sig["metric"] == "map_at_r")].iloc[0]

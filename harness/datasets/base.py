@@ -9,6 +9,7 @@ corrupt image is reported when it is first read, by `Records.load_image`.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import defaultdict
 from dataclasses import dataclass
@@ -55,6 +56,23 @@ class Records:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of what the data set is: its labels, and its pixels (data held in memory) or
+        its image paths relative to the root (data on disk: the root may move; hashing every
+        file's bytes would cost minutes on SOP, so a file changed in place goes unseen).
+        A resumed run folder compares it with the one it recorded (split_manifest.json)."""
+        digest = hashlib.sha256(f"{self.name}\n{len(self)}\n".encode())
+        digest.update(np.ascontiguousarray(self.labels, dtype="<i8").tobytes())
+        if self.images is not None:
+            digest.update(f"{self.images.dtype.str} {self.images.shape}\n".encode())
+            digest.update(np.ascontiguousarray(self.images).tobytes())
+        else:
+            for path in self.paths:
+                digest.update(f"{_relative(Path(path), self.root)}\n".encode())
+        if self.partition is not None:
+            digest.update("\n".join(self.partition.tolist()).encode())
+        return digest.hexdigest()
 
     def load_image(self, i: int) -> Image.Image:
         """Image i as RGB; an unreadable file raises DatasetError naming it and the dataset."""
@@ -204,3 +222,12 @@ def verify_standard_counts(title: str, root: Path, checks: Iterable[CountCheck])
 def absolute_root(root: Path | str) -> Path:
     """The data root as an absolute path; symlinks are kept so messages show the user's path."""
     return Path(root).expanduser().absolute()
+
+
+def _relative(path: Path, root: Path) -> str:
+    """path as a POSIX string relative to root when it lies under it (the usual case), else
+    whole."""
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()

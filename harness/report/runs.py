@@ -19,6 +19,7 @@ from harness import aggregate
 from harness.aggregate import METRICS, MODES
 from harness.config import RUNS_DIR  # where harness.run writes by default
 from harness.errors import HarnessError
+from harness.splits import recorded_data_fingerprint
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = RUNS_DIR / "report"
@@ -108,6 +109,8 @@ class Run:
     notes: list[str] = field(default_factory=list)
     label: str = ""
     slug: str = ""
+    data_fingerprint: str | None = None  # split_manifest.json's (None: not recorded)
+    data_variant: str = ""  # set when runs of one data set ran on different data
 
     @property
     def study(self) -> str:
@@ -126,8 +129,15 @@ class Run:
         return ""
 
     @property
-    def dataset(self) -> str:
+    def dataset_name(self) -> str:
         return str(self.config.get("data", {}).get("dataset", "unknown"))
+
+    @property
+    def dataset(self) -> str:
+        """What the report tables the run under: the data set's name, plus which data when runs
+        of that name ran on different data (`separate_unlike_data`)."""
+        suffix = f" [data {self.data_variant}]" if self.data_variant else ""
+        return self.dataset_name + suffix
 
     @property
     def loss(self) -> str:
@@ -284,10 +294,37 @@ def load_run(path: Path) -> Run:
         search = None
     run = Run(path=path, config=config, per_rep=per_rep, fold_rows=fold_rows,
               untrained=untrained, search=search,
-              provenance=prov if isinstance(prov, list) else [prov], notes=notes)
+              provenance=prov if isinstance(prov, list) else [prov], notes=notes,
+              data_fingerprint=recorded_data_fingerprint(path / "split_manifest.json"))
     if untrained_note:
         run.notes.append(untrained_note)
     return run
+
+
+def separate_unlike_data(runs: list[Run]) -> list[str]:
+    """Runs of one data set that ran on different data (another version, a subset, other
+    glyph pixels: their split manifests' fingerprints differ) get their own table: one table
+    of both would rank runs that were not tested on the same images. Returns the notes that
+    say so. A run without a recorded fingerprint is tabled with the others when they all agree
+    (with a note), or on its own when they do not."""
+    notes = []
+    for name in sorted({r.dataset_name for r in runs}):
+        group = [r for r in runs if r.dataset_name == name]
+        known = sorted({r.data_fingerprint for r in group if r.data_fingerprint})
+        unknown = [f"{r.study} ({r.path})" for r in group if not r.data_fingerprint]
+        if len(known) > 1:
+            for r in group:
+                r.data_variant = r.data_fingerprint[:8] if r.data_fingerprint else "unrecorded"
+            notes.append(f"the runs of {name} ran on {len(known)} different data sets (their "
+                         f"split_manifest.json fingerprints differ: another version of the data, "
+                         f"a subset, other pixels): each is tabled on its own as "
+                         f"'{name} [data <fingerprint>]'"
+                         + (f", runs with none recorded as '{name} [data unrecorded]'"
+                            if unknown else ""))
+        elif known and unknown:
+            notes.append(f"{', '.join(unknown)}: no data fingerprint recorded (an older harness);"
+                         f" tabled with the other runs of {name} as if on the same data")
+    return notes
 
 
 def _check_config(path: Path, config) -> None:
@@ -331,6 +368,7 @@ def load_runs(paths: list[Path], strict: set[Path] | None = None) -> tuple[list[
     if not runs:
         raise ReportError("no run folders found: none of the folders found could be read "
                           "(" + "; ".join(notes) + ")")
+    notes += separate_unlike_data(runs)  # before the labels: they are unique per table
     _assign_labels(runs)
     return runs, notes
 

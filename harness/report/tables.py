@@ -53,7 +53,8 @@ def dataset_table(runs: list[Run], dataset: str) -> pd.DataFrame:
                     r.values(mode, metric))
         rows.append(row)
     rows += _untrained_rows(runs, dataset)
-    for paper in paper_results(dataset, {r.loss for r in runs}):
+    name = runs[0].dataset_name if runs else dataset  # a table of one data set's variant
+    for paper in paper_results(name, {r.loss for r in runs}):
         row = {"dataset": dataset, "group": PAPER_LABEL, "method": paper.method,
                "loss": ", ".join(paper.losses), "source": paper.source,
                "protocol": paper.protocol}

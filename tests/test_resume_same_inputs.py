@@ -1,0 +1,234 @@
+"""A resumed run folder trains on what its earlier trials trained on: the same data (split
+manifest with the data's fingerprint) and the same trunk weights (provenance's trunk hashes).
+config.json names data.root and model.weights, not what they hold; without these checks a
+changed folder or weight file would mix two setups in one search, with exit 0."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import load, write_study
+from fake_datasets import make_fake_cub
+from harness.config import StudyConfig
+from harness.data import prepare_data
+from harness.datasets.glyphs import write_npz_atomically
+from harness.errors import ConfigError
+from harness.models import SmallCNN
+from harness.provenance import file_sha256, same_trunk, tensors_sha256
+from harness.run import main
+from harness.run_folder import check_same_data, check_same_trunk
+from harness.splits import manifest_differences, split_manifest
+
+
+def cub_config(root) -> StudyConfig:
+    cfg = StudyConfig()
+    cfg.data.dataset, cfg.data.root, cfg.data.check_counts = "cub200", str(root), False
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# The data's fingerprint
+
+
+def test_data_on_disk_keeps_its_fingerprint_when_moved_and_loses_it_when_changed(tmp_path):
+    root = make_fake_cub(tmp_path / "cub", n_classes=16, per_class=2)
+    before = split_manifest(*_records_and_split(root))
+    moved = shutil.copytree(root, tmp_path / "elsewhere" / "cub")
+    assert split_manifest(*_records_and_split(moved)) == before
+
+    # one image of class 3 gone from the listing: same classes, another data set
+    for name in ("images.txt", "image_class_labels.txt"):
+        lines = (moved / name).read_text().splitlines()
+        (moved / name).write_text("\n".join(lines[:4] + lines[5:]) + "\n")
+    after = split_manifest(*_records_and_split(moved))
+    found = manifest_differences(before, after)
+    assert "num_images: 32 -> 31" in found
+    assert any(f.startswith("data_fingerprint: ") for f in found)
+    assert "fold 0: train_images 12 -> 11" in found
+
+
+def test_data_in_memory_is_fingerprinted_by_its_pixels(glyph_root):
+    records = _glyph_records(glyph_root)
+    print_ = records.fingerprint()
+    assert records.fingerprint() == print_
+    records.images = records.images.copy()
+    records.images[7, 3, 3, 0] ^= 1  # one bit of one pixel
+    assert records.fingerprint() != print_
+
+
+def test_an_older_manifest_without_a_fingerprint_is_compared_on_the_rest(tmp_path):
+    root = make_fake_cub(tmp_path / "cub", n_classes=16, per_class=2)
+    now = split_manifest(*_records_and_split(root))
+    older = copy.deepcopy({k: v for k, v in now.items() if k != "data_fingerprint"})
+    assert manifest_differences(older, now) == []
+    older["folds"][2]["val_classes"] = older["folds"][2]["val_classes"][::-1]
+    assert manifest_differences(older, now) == [
+        "fold 2: val_classes [2 classes] -> [2 classes] (other ones)"]
+    assert manifest_differences(["not", "a", "manifest"], now) == [
+        "the recorded manifest is not a JSON object"]
+
+
+def test_check_same_data_refuses_other_data_and_an_unreadable_manifest(tmp_path):
+    root = make_fake_cub(tmp_path / "cub", n_classes=16, per_class=2)
+    manifest = split_manifest(*_records_and_split(root))
+    out = tmp_path / "run"
+    out.mkdir()
+    check_same_data(out, manifest, "cub200 at X")  # a new folder: nothing to compare
+    other = dict(manifest, data_fingerprint="0" * 64)
+    (out / "split_manifest.json").write_text(json.dumps(other))
+    with pytest.raises(ConfigError, match=r"run on other data than cub200 at X holds now "
+                                          r"\(data_fingerprint: 000000000000\.\.\. -> "):
+        check_same_data(out, manifest, "cub200 at X")
+    (out / "split_manifest.json").write_text(json.dumps(manifest)[:50])  # torn
+    with pytest.raises(ConfigError, match="unreadable.*delete the file to go on"):
+        check_same_data(out, manifest, "cub200 at X")
+    (out / "split_manifest.json").write_text(json.dumps(manifest))
+    check_same_data(out, manifest, "cub200 at X")
+
+
+# ---------------------------------------------------------------------------------------------
+# The trunk's weights
+
+
+def test_tensor_hash_ignores_how_the_file_was_written_but_not_one_weight(tmp_path):
+    torch.manual_seed(0)
+    state = SmallCNN().state_dict()
+    torch.save(state, tmp_path / "zip.pt")
+    torch.save(state, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    assert (tmp_path / "zip.pt").read_bytes() != (tmp_path / "legacy.pt").read_bytes()
+    assert tensors_sha256(tmp_path / "zip.pt") == tensors_sha256(tmp_path / "legacy.pt")
+    state["features.0.weight"][0, 0, 0, 0] += 1e-7
+    torch.save(state, tmp_path / "changed.pt")
+    assert tensors_sha256(tmp_path / "changed.pt") != tensors_sha256(tmp_path / "zip.pt")
+
+
+def test_trunk_records_match_by_tensors_else_by_file():
+    assert same_trunk({"sha256": "a", "tensors_sha256": "t"},
+                      {"sha256": "b", "tensors_sha256": "t"})
+    assert not same_trunk({"sha256": "a", "tensors_sha256": "t"},
+                          {"sha256": "a", "tensors_sha256": "u"})
+    assert same_trunk({"sha256": "a"}, {"sha256": "a", "tensors_sha256": "t"})
+    assert not same_trunk({"sha256": "a"}, {"sha256": "b", "tensors_sha256": "t"})
+    assert not same_trunk({"sha256": 7}, {"sha256": "b"})  # a damaged record matches nothing
+
+
+def test_check_same_trunk_compares_with_every_earlier_invocation(tmp_path):
+    now = {"file": "w.pt", "sha256": "b" * 64, "tensors_sha256": "t" * 64}
+    check_same_trunk(tmp_path, now)  # no provenance yet
+    runs = [{"command": "x"},  # from before trunks were recorded: nothing to compare
+            {"trunk_weights": None},  # a run with no trunk found (preflight refused it)
+            {"trunk_weights": {"file": "w.pt", "sha256": "a" * 64, "tensors_sha256": "t" * 64}}]
+    (tmp_path / "provenance.json").write_text(json.dumps(runs))
+    check_same_trunk(tmp_path, now)
+    check_same_trunk(tmp_path, None)
+    runs.append({"trunk_weights": {"file": "old.pt", "sha256": "c" * 64}})
+    (tmp_path / "provenance.json").write_text(json.dumps(runs))
+    with pytest.raises(ConfigError, match=r"other trunk weights: old\.pt \(file sha256 "
+                                          r"cccccccccccc\.\.\.\) then, w\.pt \(file sha256 "
+                                          r"bbbbbbbbbbbb\.\.\., tensors tttttttttttt\.\.\.\) now"):
+        check_same_trunk(tmp_path, now)
+
+
+def test_an_older_record_is_completed_from_its_file_when_that_is_still_there(tmp_path):
+    """A folder from before tensor hashes names its file by bytes only: a rebuilt trunk with the
+    same weights but other bytes resumes if the recorded file is still there to compare."""
+    torch.manual_seed(0)
+    state = SmallCNN().state_dict()
+    old, new = tmp_path / "old.pt", tmp_path / "new.pt"
+    torch.save(state, old, _use_new_zipfile_serialization=False)
+    torch.save(state, new)
+    record = {"file": str(old), "sha256": file_sha256(old)}
+    (tmp_path / "provenance.json").write_text(json.dumps([{"trunk_weights": record}]))
+    now = {"file": str(new), "sha256": file_sha256(new), "tensors_sha256": tensors_sha256(new)}
+    check_same_trunk(tmp_path, now)
+    old.write_bytes(old.read_bytes()[:-1] + b"x")  # the recorded file changed since: no proof
+    with pytest.raises(ConfigError, match="other trunk weights"):
+        check_same_trunk(tmp_path, now)
+    old.unlink()
+    with pytest.raises(ConfigError, match="other trunk weights"):
+        check_same_trunk(tmp_path, now)
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: harness.run refuses, writes nothing, and resumes what is the same
+
+
+@pytest.mark.slow
+def test_resuming_on_other_glyph_pixels_is_refused_and_on_a_copy_goes_on(tmp_path, glyph_root,
+                                                                        capsys):
+    out = tmp_path / "run"
+    study = write_study(tmp_path, glyph_root)
+    args = ["--study", str(study), "--output", str(out), "--device", "cpu", "--trials", "1",
+            "--stage", "search"]
+    assert main(args) == 0
+    recorded = (out / "split_manifest.json").read_text()
+    invocations = len(json.loads((out / "provenance.json").read_text()))
+
+    copy = shutil.copytree(glyph_root, tmp_path / "copy")  # the data moved: same fingerprint
+    moved = write_study(_folder(tmp_path / "moved"), copy)  # the same study name, "tiny"
+    assert main(["--study", str(moved), *args[2:]]) == 0
+    assert len(load(out).get_trials()) == 1
+
+    changed = shutil.copytree(glyph_root, tmp_path / "changed")
+    (cache,) = changed.glob("glyphs_*.npz")
+    with np.load(cache, allow_pickle=False) as data:
+        arrays = {name: data[name] for name in data.files}
+    arrays["images"][0, 0, 0, 0] ^= 1  # another renderer's pixel, say; the key still matches
+    write_npz_atomically(cache, arrays)
+    other = write_study(_folder(tmp_path / "other"), changed)
+    assert main(["--study", str(other), *args[2:]]) == 2
+    assert "was run on other data than glyphs at" in capsys.readouterr().err
+    assert json.loads((out / "split_manifest.json").read_text()) == json.loads(recorded)
+    assert len(json.loads((out / "provenance.json").read_text())) == invocations + 1
+
+
+@pytest.mark.slow
+def test_resuming_from_other_trunk_weights_is_refused(tmp_path, glyph_root, capsys):
+    torch.manual_seed(0)
+    state = SmallCNN().state_dict()
+    weights = tmp_path / "trunk.pt"
+    torch.save(state, weights)
+    study = write_study(tmp_path, glyph_root)
+    study.write_text(study.read_text().replace(
+        "pretrained = false", f'pretrained = true\nweights = "{weights}"'))
+    out = tmp_path / "run"
+    args = ["--study", str(study), "--output", str(out), "--device", "cpu", "--trials", "1",
+            "--stage", "search"]
+    assert main(args) == 0
+    (record,) = [r["trunk_weights"] for r in json.loads((out / "provenance.json").read_text())]
+    assert record["tensors_sha256"] == tensors_sha256(weights)
+
+    torch.save(state, weights, _use_new_zipfile_serialization=False)  # same weights, new bytes
+    assert main(args) == 0
+
+    state["features.1.running_var"][0] *= 2
+    torch.save(state, weights)
+    assert main(args) == 2
+    assert "run from other trunk weights" in capsys.readouterr().err
+    assert len(json.loads((out / "provenance.json").read_text())) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _records_and_split(root):
+    data = prepare_data(cub_config(root))
+    return data.records, data.split
+
+
+def _glyph_records(glyph_root):
+    cfg = StudyConfig()
+    cfg.data.dataset, cfg.data.root = "glyphs", str(glyph_root)
+    cfg.data.glyph_classes, cfg.data.glyph_per_class = 32, 8
+    return prepare_data(cfg).records
+
+
+def _folder(path):
+    path.mkdir()
+    return path
