@@ -118,13 +118,7 @@ def _pack(arrays: list[np.ndarray], resize: int) -> ResizedImages:
 def cache_key(records: Records, resize: int) -> str:
     digest = hashlib.sha256(f"v{CACHE_VERSION}|{records.name}|{resize}|".encode())
     for path in records.paths:
-        try:
-            st = os.stat(path)
-        except PermissionError:
-            raise permission_error(records.name, path) from None
-        except FileNotFoundError:
-            raise DatasetError(f"{records.name}: image file {path} is missing (it was present "
-                               f"when the dataset was loaded from {records.root})") from None
+        st = records.stat_image(path)
         rel = os.path.relpath(path, records.root)
         digest.update(f"{rel}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]

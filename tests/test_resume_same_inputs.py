@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import load, write_study
-from fake_datasets import make_fake_cub
+from fake_datasets import make_fake_cub, write_jpeg
 from harness.config import StudyConfig
 from harness.data import prepare_data
 from harness.datasets.glyphs import write_npz_atomically
@@ -41,6 +41,12 @@ def test_data_on_disk_keeps_its_fingerprint_when_moved_and_loses_it_when_changed
     before = split_manifest(*_records_and_split(root))
     moved = shutil.copytree(root, tmp_path / "elsewhere" / "cub")
     assert split_manifest(*_records_and_split(moved)) == before
+
+    replaced = shutil.copytree(root, tmp_path / "replaced" / "cub")
+    (image,) = list((replaced / "images").glob("003.*/*.jpg"))[:1]
+    write_jpeg(image, np.random.default_rng(5), size=12)  # another picture under the same name
+    assert manifest_differences(before, split_manifest(*_records_and_split(replaced)))[0] \
+        .startswith("data_fingerprint: ")
 
     # one image of class 3 gone from the listing: same classes, another data set
     for name in ("images.txt", "image_class_labels.txt"):

@@ -59,8 +59,9 @@ class Records:
 
     def fingerprint(self) -> str:
         """SHA-256 of what the data set is: its labels, and its pixels (data held in memory) or
-        its image paths relative to the root (data on disk: the root may move; hashing every
-        file's bytes would cost minutes on SOP, so a file changed in place goes unseen).
+        its image paths relative to the root and their sizes (data on disk: the root may move,
+        and a copy may have new modification times; hashing every file's bytes would cost
+        minutes on SOP, so a file rewritten in place with the same size goes unseen).
         A resumed run folder compares it with the one it recorded (split_manifest.json)."""
         digest = hashlib.sha256(f"{self.name}\n{len(self)}\n".encode())
         digest.update(np.ascontiguousarray(self.labels, dtype="<i8").tobytes())
@@ -69,10 +70,22 @@ class Records:
             digest.update(np.ascontiguousarray(self.images).tobytes())
         else:
             for path in self.paths:
-                digest.update(f"{_relative(Path(path), self.root)}\n".encode())
+                size = self.stat_image(path).st_size
+                digest.update(f"{_relative(Path(path), self.root)}|{size}\n".encode())
         if self.partition is not None:
             digest.update("\n".join(self.partition.tolist()).encode())
         return digest.hexdigest()
+
+    def stat_image(self, path: Path | str) -> os.stat_result:
+        """os.stat of one of the data set's image files; DatasetError if it is gone or
+        unreadable."""
+        try:
+            return os.stat(path)
+        except PermissionError:
+            raise permission_error(self.name, path) from None
+        except FileNotFoundError:
+            raise DatasetError(f"{self.name}: image file {path} is missing (it was present "
+                               f"when the dataset was loaded from {self.root})") from None
 
     def load_image(self, i: int) -> Image.Image:
         """Image i as RGB; an unreadable file raises DatasetError naming it and the dataset."""
