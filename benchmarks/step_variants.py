@@ -14,6 +14,10 @@ configuration at its batch (32 x 3 x 32 x 32), one torch thread, in these varian
   half_widths     a smaller benchmark: small_cnn at half its widths (8-16-32-64, randomly
                   initialised: no pretrained trunk of that shape exists)
   input_24px      a smaller benchmark: 24x24 instead of 32x32 images
+  frozen_1_2      a smaller benchmark: the pretrained trunk's first 2 of 4 conv blocks frozen
+                  (no gradient, not updated; BatchNorm is frozen anyway) and their output
+                  computed once per image, so a step runs blocks 3-4, pooling, embedder and loss
+  frozen_1_3      the same with the first 3 blocks frozen: only block 4 is fine-tuned
   baseline_again  the baseline built and timed a second time: how far apart two timings of the
                   same step come on this machine (a ratio within that is no difference)
 
@@ -37,8 +41,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 VARIANTS = ("baseline", "foreach_adam", "channels_last", "compiled", "half_widths", "input_24px",
-            "baseline_again")
-OTHER_MODEL = ("half_widths", "input_24px")
+            "frozen_1_2", "frozen_1_3", "baseline_again")
+FROZEN_BLOCKS = {"frozen_1_2": 2, "frozen_1_3": 3}
+OTHER_MODEL = ("half_widths", "input_24px", *FROZEN_BLOCKS)
 
 
 def build(variant: str, cfg, num_classes: int):
@@ -77,6 +82,15 @@ def build(variant: str, cfg, num_classes: int):
     images = torch.randn(cfg.train.batch_size, 3, size, size, generator=generator)
     if variant == "channels_last":
         images = images.contiguous(memory_format=torch.channels_last)
+    if variant in FROZEN_BLOCKS:
+        # conv, BN, ReLU per block: the frozen prefix runs once (as a feature cache would),
+        # the model keeps the rest, and the optimiser only what still trains
+        layers = list(model.trunk.features)
+        cut = 3 * FROZEN_BLOCKS[variant]
+        with torch.no_grad():
+            images = torch.nn.Sequential(*layers[:cut]).eval()(images)
+        model.trunk.features = torch.nn.Sequential(*layers[cut:])
+        model_opt = type(model_opt)(model.parameters(), **model_opt.defaults)
     labels = torch.arange(cfg.train.batch_size // cfg.train.m_per_class).repeat_interleave(
         cfg.train.m_per_class)
     model.train()
