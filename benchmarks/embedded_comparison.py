@@ -39,7 +39,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from harness.progress import bar  # noqa: E402
-from harness.run_folder import config_differences, describe, flat_config  # noqa: E402
+from harness.run_folder import MISSING, config_differences, describe, flat_config  # noqa: E402
 
 
 def all_methods() -> list[str]:
@@ -75,17 +75,19 @@ PER_METHOD_KEYS = ("name", "description", "loss")
 
 
 def protocol(config: dict, trunk: dict | None, also_ignore: tuple = (),
-             libraries: str | None = None) -> dict:
+             libraries: str | None = None, data: str | None = None) -> dict:
     """A study's config without its method, plus the trunk it started from (provenance.json's
     trunk_weights: the file's hash and, since it was recorded, its tensors' hash) and the torch
     and pml versions it ran with (`harness.provenance.numeric_versions`; a SoftTriple run
     differs between torch 2.11 and 2.14): what every study in one table (or, less the seed, in
-    both seeds) must share."""
+    both seeds) must share; and the data's fingerprint (`Records.fingerprint`, None where not
+    recorded)."""
     ignore = PER_METHOD_KEYS + also_ignore
     kept = {k: v for k, v in flat_config(config).items() if k.split(".")[0] not in ignore}
     trunk = trunk if isinstance(trunk, dict) else {}
     return {**kept, "trunk sha256": trunk.get("sha256"),
-            "trunk tensors sha256": trunk.get("tensors_sha256"), "libraries": libraries}
+            "trunk tensors sha256": trunk.get("tensors_sha256"), "libraries": libraries,
+            "data fingerprint": data}
 
 
 def recorded_protocol(run_dir: Path, also_ignore: tuple = ()) -> dict:
@@ -105,8 +107,8 @@ def recorded_protocol(run_dir: Path, also_ignore: tuple = ()) -> dict:
         raise SystemExit(f"{run_dir}: config.json/provenance.json unreadable ({e!r}); it cannot "
                          f"be compared with the other studies") from None
     libraries = " + ".join(recorded_numeric_versions(invocations)) or None
-    return {**protocol(config, trunk, also_ignore, libraries),
-            "data fingerprint": recorded_data_fingerprint(run_dir / "split_manifest.json")}
+    return protocol(config, trunk, also_ignore, libraries,
+                    recorded_data_fingerprint(run_dir / "split_manifest.json"))
 
 
 RECORDED_KEYS = ("trunk sha256", "trunk tensors sha256", "libraries", "data fingerprint")
@@ -121,7 +123,7 @@ def differences(a: dict, b: dict) -> list[str]:
     by_tensors = a.get("trunk tensors sha256") and b.get("trunk tensors sha256")
     return [f"{k}: {describe(k, x, older)} vs {describe(k, y, older)}"
             for k, x, y in config_differences(a, b)
-            if not (k in RECORDED_KEYS and None in (x, y))
+            if not (k in RECORDED_KEYS and (None in (x, y) or MISSING in (x, y)))
             and not (k == "trunk sha256" and by_tensors)]
 
 
@@ -238,20 +240,25 @@ def check_extends_alike(out: Path, record: dict, studies: list[str], args, trunk
     (the config less the method, the trunk file, and the torch and pml versions), or refuse.
     Otherwise a changed profile, a rebuilt trunk or another torch would slip into one table
     with the earlier batches' studies."""
+    from harness.data import study_records
     from harness.errors import HarnessError
     from harness.provenance import library_versions, numeric_versions
     from harness.run import parse_args, resolve_config
 
     libraries = numeric_versions(library_versions())
     protocols = {s: recorded_protocol(out / s) for s in succeeded_studies(out, record)}
+    fingerprints: dict[str, str] = {}  # one data set for all studies, in practice: load it once
     for study in studies:
         try:
-            # through JSON, as config.json was written: tuples become lists
-            config = json.loads(json.dumps(
-                resolve_config(parse_args(study_argv(study, args, out))).to_dict()))
+            cfg = resolve_config(parse_args(study_argv(study, args, out)))
+            data_key = json.dumps(cfg.to_dict()["data"], sort_keys=True, default=str)
+            if data_key not in fingerprints:
+                fingerprints[data_key] = study_records(cfg).fingerprint()
         except HarnessError as e:
             raise SystemExit(f"{study}: {e}") from None
-        protocols[f"{study} (to run now)"] = protocol(config, trunk, libraries=libraries)
+        config = json.loads(json.dumps(cfg.to_dict()))  # as config.json has it: lists, not tuples
+        protocols[f"{study} (to run now)"] = protocol(config, trunk, libraries=libraries,
+                                                      data=fingerprints[data_key])
     refuse_mixed_protocols(protocols, str(out))
 
 

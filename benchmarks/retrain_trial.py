@@ -124,6 +124,29 @@ def check_same_split(study_dir: Path, data) -> None:
                          f"would not be the same")
 
 
+def same_trunk_as_recorded(study_dir: Path, cfg) -> bool | None:
+    """Whether the trunk weights found now are the ones the study's provenance.json records
+    (harness.run_folder.check_same_trunk); None when it records none (random init, or a folder
+    from before trunks were recorded). Not a refusal: retraining from other weights is a
+    legitimate question, but its rows must say so, or a trunk difference would read as a
+    device's or a library's; a note is printed."""
+    from harness.errors import ConfigError
+    from harness.run import _trunk_weights
+    from harness.run_folder import check_same_trunk, read_json
+
+    now = _trunk_weights(cfg)
+    runs = read_json(study_dir / "provenance.json")
+    if now is None or not isinstance(runs, list) or not any(
+            isinstance(r, dict) and isinstance(r.get("trunk_weights"), dict) for r in runs):
+        return None
+    try:
+        check_same_trunk(study_dir, now)
+    except ConfigError as e:
+        print(f"note: {e}", flush=True)
+        return False
+    return True
+
+
 def record(path: Path, *keys: str) -> dict:
     """A JSON object from a run folder holding `keys`, or a clear refusal (files in a run
     folder are untrusted)."""
@@ -197,6 +220,7 @@ def retrain(study_dir: Path, number: int, folds: list[int], overrides: list[str]
     recorded = recorded if isinstance(recorded, dict) else {}
     data = prepare_data(cfg)
     check_same_split(study_dir, data)
+    trunk_as_recorded = same_trunk_as_recorded(study_dir, cfg)
     device = resolve_device(cfg.train.device)
     by_index = {f.index: f for f in data.split.folds}
     rows = []
@@ -229,6 +253,7 @@ def retrain(study_dir: Path, number: int, folds: list[int], overrides: list[str]
             # True: every validation of the recorded curve reproduced to the last bit.
             "same_curve": same_curve(history, result.history,
                                      extended=cfg.train.max_epochs > recorded_cap),
+            "same_trunk": trunk_as_recorded,
             "max_epochs": cfg.train.max_epochs, "recorded_max_epochs": recorded_cap,
             "torch_threads": torch.get_num_threads(),
             "seconds": round(time.perf_counter() - began, 1)})

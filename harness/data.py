@@ -70,13 +70,18 @@ def resolve_data_root(cfg: StudyConfig) -> Path:
         f"{cfg.data.dataset}/). Expected layout:\n{spec.layout}\n{spec.download_hint}")
 
 
-def prepare_data(cfg: StudyConfig) -> PreparedData:
-    spec = get_dataset(cfg.data.dataset)
+def study_records(cfg: StudyConfig) -> Records:
+    """The study's data set, as its reader gives it (generated first, for the glyphs)."""
     options = {}
     if cfg.data.dataset == "glyphs":
         options = {"num_classes": cfg.data.glyph_classes, "per_class": cfg.data.glyph_per_class}
-    records = load_records(cfg.data.dataset, resolve_data_root(cfg),
-                           check_counts=cfg.data.check_counts, **options)
+    return load_records(cfg.data.dataset, resolve_data_root(cfg),
+                        check_counts=cfg.data.check_counts, **options)
+
+
+def prepare_data(cfg: StudyConfig) -> PreparedData:
+    spec = get_dataset(cfg.data.dataset)
+    records = study_records(cfg)
     split = make_split(records, spec.split_kind)
     resized = None
     if cfg.data.cache or records.images is not None:  # in-memory data: resizing is free

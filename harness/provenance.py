@@ -126,13 +126,19 @@ def tensors_sha256(path: Path) -> str:
     state dict of tensors."""
     import torch
 
+    from harness.errors import WeightsError
     from harness.models import read_state_dict
 
     digest = hashlib.sha256()
-    for name, tensor in sorted(read_state_dict(Path(path)).items()):
-        flat = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}\n{flat.dtype}\n{tuple(tensor.shape)}\n".encode())
-        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    try:
+        for name, tensor in sorted(read_state_dict(Path(path)).items(), key=lambda kv: str(kv[0])):
+            flat = tensor.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{name}\n{flat.dtype}\n{tuple(tensor.shape)}\n".encode())
+            digest.update(flat.view(torch.uint8).numpy().tobytes())
+    except (RuntimeError, TypeError, ValueError) as e:  # sparse, quantised or odd tensors
+        raise WeightsError(f"{path}: its tensors cannot be hashed ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}); a trunk's weight "
+                           f"file holds dense tensors") from None
     return digest.hexdigest()
 
 

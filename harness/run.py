@@ -22,7 +22,7 @@ from pathlib import Path
 
 from harness import config as config_mod
 from harness.config import RUNS_DIR, StudyConfig, load_study
-from harness.errors import ConfigError, HarnessError
+from harness.errors import ConfigError, HarnessError, WeightsError
 from harness.provenance import provenance
 from harness.run_folder import (RESUMABLE_KEYS, check_output_dir, write_json_atomic,  # noqa: F401 (re-exported)
                                 check_same_data, check_same_study, check_same_trunk,
@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     from harness.aggregate import summarize
     from harness.final import retrain_and_test, untrained_baseline
     from harness.storage import default_storage, sqlite_path
-    from harness.search import (best_trial, config_for_params, run_search,
+    from harness.search import (best_trial, check_trial_inputs, config_for_params, run_search,
                                 write_search_summary)
     from harness.splits import manifest_text, split_manifest
 
@@ -172,16 +172,24 @@ def run(args: argparse.Namespace) -> int:
     started = time.time()
     data = prepare_data(cfg)
     manifest = split_manifest(data.records, data.split)
-    check_same_data(output, manifest, f"{cfg.data.dataset} at {data.records.root}")
+    where = f"{cfg.data.dataset} at {data.records.root}"
+    check_same_data(output, manifest, where)
     preflight(cfg, data, device)  # weight file, loss, sampler: fail now, not inside trial 0
     with output_lock(output):  # several workers may share one output folder
+        # again under the lock: workers starting together on a new folder all passed the
+        # checks above before the first of them wrote what the others must match
+        check_same_trunk(output, trunk_weights)
+        check_same_data(output, manifest, where)
         write_json_atomic(output / "config.json", cfg.to_dict())
         _log_invocation(output, device, storage, trunk_weights)
         write_bytes_atomic(output / "split_manifest.json", manifest_text(manifest).encode())
     print(f"[{cfg.name}] {cfg.data.dataset}: {len(data.records)} images; output {output}")
 
+    # what every trial records it trained on (machines sharing only the database compare it)
+    inputs = {"data_fingerprint": manifest["data_fingerprint"],
+              "trunk_tensors_sha256": (trunk_weights or {}).get("tensors_sha256")}
     if args.stage in ("all", "search"):
-        study = run_search(cfg, data, output, storage, device)
+        study = run_search(cfg, data, output, storage, device, inputs)
     if args.stage == "search":
         print(f"[{cfg.name}] search stage done in {time.time() - started:.0f} s")
         return 0
@@ -189,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
 
     study = open_study(cfg, storage)
     check_search_finished(study, cfg, output)
+    check_trial_inputs(study, inputs)  # the final stage retrains or tests the best trial
     summary = write_search_summary(study, output / "search_summary.json")
     best = best_trial(study)
     print(f"[{cfg.name}] best trial {best.number}: validation MAP@R {best.value:.4f} "
@@ -285,10 +294,13 @@ def _trunk_weights(cfg: StudyConfig) -> dict | None:
         return None
     try:
         weights = find_weights_file(cfg.model.trunk, cfg.model.weights)
-        return {"file": str(weights), "sha256": file_sha256(weights),
-                "tensors_sha256": tensors_sha256(weights)}
-    except (HarnessError, OSError):
+    except HarnessError:
         return None
+    try:
+        return {"file": str(weights), "sha256": file_sha256(weights),
+                "tensors_sha256": tensors_sha256(weights)}  # WeightsError: not a weight file
+    except OSError as e:
+        raise WeightsError(f"{weights}: cannot be read ({e})") from None
 
 
 def _print_summary(cfg: StudyConfig, table, untrained: dict) -> None:

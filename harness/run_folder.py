@@ -158,9 +158,15 @@ def check_same_trunk(output: Path, trunk_weights: dict | None) -> None:
     hash (`harness.provenance.same_trunk`)."""
     from harness.provenance import same_trunk
 
-    runs = read_json(output / "provenance.json")
-    if trunk_weights is None or not isinstance(runs, list):
+    path = output / "provenance.json"
+    if trunk_weights is None or not path.exists():
         return  # no pretrained trunk, or none found (preflight says so); a new folder
+    runs = read_json(path)
+    if not isinstance(runs, list):
+        raise ConfigError(f"{path}: not the harness's record of this folder's invocations (a "
+                          f"JSON list); it is damaged or foreign, so this run cannot check that "
+                          f"it resumes from the trunk the folder ran from. Move it aside to go "
+                          f"on if the weights are unchanged, or choose another --output.")
     earlier = [run["trunk_weights"] for run in runs
                if isinstance(run, dict) and isinstance(run.get("trunk_weights"), dict)]
     other = next((e for e in earlier

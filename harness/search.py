@@ -399,13 +399,41 @@ def _over_budget(study: optuna.Study, trial: optuna.Trial, budget: int) -> bool:
     return len(ahead) >= budget
 
 
+def check_trial_inputs(study: optuna.Study, inputs: dict | None) -> None:
+    """Refuse to go on with a study whose trials recorded other inputs (user attribute
+    "inputs": the data's fingerprint and the trunk's tensors' hash, `harness.run`). Machines
+    that share a database but not a run folder each check their own split manifest only; this
+    is what ties their trials to one data set and one trunk. A value recorded as None (no
+    pretrained trunk) or not recorded (an older harness) is not compared."""
+    if not inputs:
+        return
+    other: dict[str, list[int]] = {}
+    for trial in study.get_trials(deepcopy=False):
+        recorded = trial.user_attrs.get("inputs")
+        if not isinstance(recorded, dict):
+            continue
+        for key, value in inputs.items():
+            if value and recorded.get(key) and recorded[key] != value:
+                other.setdefault(key, []).append(trial.number)
+    if other:
+        what = "; ".join(f"{key}: trials {', '.join(map(str, numbers[:8]))}"
+                         f"{' ...' if len(numbers) > 8 else ''} recorded another"
+                         for key, numbers in other.items())
+        raise ConfigError(f"study {study.study_name!r} holds trials run on other inputs than "
+                          f"this machine's ({what}; this machine: "
+                          f"{', '.join(f'{k} {str(v)[:12]}...' for k, v in inputs.items() if v)})."
+                          f" Give every machine the same data and trunk weights, or use another "
+                          f"study (--output / storage).")
+
+
 def run_search(cfg: StudyConfig, data: PreparedData, output: Path, storage_url: str,
-               device) -> optuna.Study:
+               device, inputs: dict | None = None) -> optuna.Study:
     """Run (or resume) the search until `search.trials` trials are COMPLETE or PRUNED.
 
     Several processes (workers) may run this on one storage at once; each takes trials until the
     budget is reached, then waits for trials still running in other workers (a dead worker's
-    trial is failed by the heartbeat and retried by whoever is still alive).
+    trial is failed by the heartbeat and retried by whoever is still alive). Each trial records
+    `inputs` (what it trains on), and trials on other inputs are refused (`check_trial_inputs`).
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = search_space(cfg)
@@ -413,6 +441,7 @@ def run_search(cfg: StudyConfig, data: PreparedData, output: Path, storage_url: 
         print(f"[{cfg.name}] not searched (given a value): " + ", ".join(
             f"{k}={get_value(cfg, k)!r}" for k in cfg.search.fixed), flush=True)
     study = open_study(cfg, storage_url, dataset_defaults(cfg, data.spec)[0])
+    check_trial_inputs(study, inputs)
     objective = make_objective(cfg, data, output, device, space)
     mine: list[int] = []  # trial ids this process started (to requeue on Ctrl-C)
 
@@ -421,6 +450,8 @@ def run_search(cfg: StudyConfig, data: PreparedData, output: Path, storage_url: 
             trial.set_user_attr("surplus", True)
             raise SurplusTrial()
         mine.append(trial._trial_id)
+        if inputs:
+            trial.set_user_attr("inputs", inputs)
         return objective(trial)
 
     progress = bar(total=cfg.search.trials, initial=counted_trials(study), desc="search",

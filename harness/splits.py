@@ -138,13 +138,6 @@ def manifest_text(manifest: dict) -> str:
     return json.dumps(manifest) + "\n"
 
 
-def write_manifest(path: Path, records: Records, split: Split) -> dict:
-    """Write `split_manifest` to path; returns it."""
-    manifest = split_manifest(records, split)
-    path.write_text(manifest_text(manifest))
-    return manifest
-
-
 def recorded_data_fingerprint(path: Path) -> str | None:
     """The data's fingerprint in a split manifest file (64 hex digits), or None: a manifest
     from before it was recorded, none, or a damaged one (files in a run folder are untrusted)."""
@@ -156,15 +149,23 @@ def recorded_data_fingerprint(path: Path) -> str | None:
     return value if isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) else None
 
 
+# Written only since the harness recorded them: a manifest without one is compared on the rest.
+LATER_MANIFEST_KEYS = ("data_fingerprint",)
+
+
 def manifest_differences(recorded: object, now: dict) -> list[str]:
     """'what: recorded -> now' for each entry of a split manifest that differs; an entry the
-    recorded manifest lacks (written before the harness recorded it, e.g. data_fingerprint) is
-    not compared. A recorded manifest that is not one is a difference in itself."""
+    recorded manifest lacks is a difference (a torn or stub file proves nothing), except those
+    of LATER_MANIFEST_KEYS. A recorded manifest that is not an object is a difference itself."""
     if not isinstance(recorded, dict):
         return ["the recorded manifest is not a JSON object"]
     found = []
     for key, value in now.items():
-        if key not in recorded or recorded[key] == value:
+        if key not in recorded:
+            if key not in LATER_MANIFEST_KEYS:
+                found.append(f"{key}: absent -> {_short(value)}")
+            continue
+        if recorded[key] == value:
             continue
         if key == "folds" and isinstance(recorded[key], list) and len(recorded[key]) == len(value):
             found += [f"fold {i}: {_changed(a, b)}"
@@ -194,6 +195,8 @@ def _short(value: object) -> str:
     """A manifest value for a message: class lists by their length, hashes by 12 digits."""
     if isinstance(value, list):
         return f"[{len(value)} classes]"
+    if isinstance(value, dict):
+        return "{...}"
     if isinstance(value, str) and len(value) == 64:
         return value[:12] + "..."
     return json.dumps(value)
@@ -201,4 +204,4 @@ def _short(value: object) -> str:
 
 __all__ = ["Fold", "Split", "NUM_FOLDS", "mlrc_split", "inshop_split", "make_split",
            "sample_indices", "query_gallery_indices", "split_manifest", "manifest_text",
-           "write_manifest", "manifest_differences", "recorded_data_fingerprint"]
+           "manifest_differences", "recorded_data_fingerprint"]

@@ -183,11 +183,16 @@ def prepare(rest: list[str]) -> tuple[Path, str]:
     storage = normalize_storage(run_args.storage or os.environ.get(STORAGE_ENV) or
                                 default_storage(output))
     from harness.data import dataset_defaults, prepare_data
-    from harness.run_folder import write_json_atomic
+    from harness.run_folder import check_same_data, check_same_trunk, write_json_atomic
+    from harness.splits import split_manifest
 
+    # the checks harness.run makes, before this writes config.json or creates the study
+    check_same_trunk(output, run._trunk_weights(cfg))  # builds the glyph trunk once, too
+    data = prepare_data(cfg)  # renders / caches images once, before N workers read them
+    check_same_data(output, split_manifest(data.records, data.split),
+                    f"{cfg.data.dataset} at {data.records.root}")
     with run.output_lock(output):
         write_json_atomic(output / "config.json", cfg.to_dict())
-    data = prepare_data(cfg)  # renders / caches images once, before N workers read them
     open_study(cfg, storage, dataset_defaults(cfg, data.spec)[0])
     return output, storage
 

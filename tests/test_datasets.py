@@ -25,7 +25,7 @@ from harness.datasets.cub import load_cub
 from harness.datasets.inshop import load_inshop
 from harness.datasets.sop import load_sop
 from harness.errors import ConfigError, DatasetError, HarnessError
-from harness.splits import make_split, sample_indices, write_manifest
+from harness.splits import make_split, manifest_text, sample_indices, split_manifest
 from harness.transforms import UInt8Crop
 
 # name -> (builder with default sizes, reader, expected number of images of that default fake)
@@ -569,7 +569,8 @@ def test_fake_folder_to_mlrc_split(tmp_path, name, build):
     dataset = UInt8Images(records, query, UInt8Crop(6, train=False), data.resized, resize=8)
     image, label = dataset[0]
     assert image.dtype == torch.uint8 and image.shape == (3, 6, 6) and label == 9
-    manifest = write_manifest(tmp_path / "split.json", records, split)
+    manifest = split_manifest(records, split)
+    (tmp_path / "split.json").write_text(manifest_text(manifest))
     assert json.loads((tmp_path / "split.json").read_text()) == manifest
     assert manifest["dataset"] == name and manifest["test"]["query_images"] == 16
 

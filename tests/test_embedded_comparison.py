@@ -270,7 +270,7 @@ def test_trunks_are_compared_by_their_tensors_where_both_studies_record_them():
     protocol = driver().protocol({"loss": {"name": "x"}, "train": {"lr": 1}},
                                  {"file": "f", "sha256": "x", "tensors_sha256": "t"})
     assert protocol == {"train.lr": 1, "trunk sha256": "x", "trunk tensors sha256": "t",
-                        "libraries": None}
+                        "libraries": None, "data fingerprint": None}
 
 
 def test_studies_on_different_data_are_not_one_protocol(tmp_path):
@@ -287,6 +287,27 @@ def test_studies_on_different_data_are_not_one_protocol(tmp_path):
     with pytest.raises(SystemExit, match="data fingerprint: '1+' vs '2+'"):
         driver().refuse_mixed_protocols({n: protocols[n] for n in "ab"}, "here")
     driver().refuse_mixed_protocols({n: protocols[n] for n in "ac"}, "here")
+
+
+def test_adding_methods_beside_studies_that_record_their_data_compares_the_data(tmp_path):
+    """A folder's studies record their data's fingerprint (split_manifest.json): the next
+    batch is compared with it, and runs on the same data (accepted) or not (refused)."""
+    from harness.config import load_study
+    from harness.data import study_records
+
+    module = driver()
+    folder_with(tmp_path, planned_config("proxy_anchor_glyphs", out=tmp_path), TRUNK)
+    manifest = tmp_path / "proxy_anchor_glyphs" / "split_manifest.json"
+    glyphs = study_records(load_study("proxy_anchor_glyphs", profile="embedded")).fingerprint()
+    args = run_args()
+    args.device = "cpu"
+    record = module.load_record(tmp_path, args)
+    manifest.write_text(json.dumps({"data_fingerprint": glyphs}))
+    module.check_extends_alike(tmp_path, record, ["cosface_glyphs"], args, {"sha256": TRUNK})
+    manifest.write_text(json.dumps({"data_fingerprint": "0" * 64}))
+    with pytest.raises(SystemExit, match="data fingerprint: '0+' vs '" + glyphs):
+        module.check_extends_alike(tmp_path, record, ["cosface_glyphs"], args,
+                                   {"sha256": TRUNK})
 
 
 def test_a_setting_one_study_lacks_is_a_difference_that_says_so():

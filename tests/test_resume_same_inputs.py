@@ -10,19 +10,22 @@ import json
 import shutil
 
 import numpy as np
+import optuna
 import pytest
 import torch
 
 from conftest import load, write_study
-from fake_datasets import make_fake_cub, write_jpeg
+from fake_datasets import make_fake_cub, make_fake_inshop, write_jpeg
 from harness.config import StudyConfig
 from harness.data import prepare_data
 from harness.datasets.glyphs import write_npz_atomically
-from harness.errors import ConfigError
+from harness.datasets.inshop import load_inshop
+from harness.errors import ConfigError, WeightsError
 from harness.models import SmallCNN
 from harness.provenance import file_sha256, same_trunk, tensors_sha256
 from harness.run import main
 from harness.run_folder import check_same_data, check_same_trunk
+from harness.search import check_trial_inputs
 from harness.splits import manifest_differences, split_manifest
 
 
@@ -59,6 +62,15 @@ def test_data_on_disk_keeps_its_fingerprint_when_moved_and_loses_it_when_changed
     assert "fold 0: train_images 12 -> 11" in found
 
 
+def test_the_same_in_shop_files_in_either_layout_are_the_same_data(tmp_path):
+    """In-Shop is read from its archive's layout (Eval/, Img/img/) or a flat one (img/):
+    the same files and labels, so the same fingerprint, whatever the root."""
+    archive = make_fake_inshop(tmp_path / "a", archive_layout=True)
+    flat = make_fake_inshop(tmp_path / "b", archive_layout=False)
+    assert load_inshop(archive, check_counts=False).fingerprint() == \
+        load_inshop(flat, check_counts=False).fingerprint()
+
+
 def test_data_in_memory_is_fingerprinted_by_its_pixels(glyph_root):
     records = _glyph_records(glyph_root)
     print_ = records.fingerprint()
@@ -78,6 +90,9 @@ def test_an_older_manifest_without_a_fingerprint_is_compared_on_the_rest(tmp_pat
         "fold 2: val_classes [2 classes] -> [2 classes] (other ones)"]
     assert manifest_differences(["not", "a", "manifest"], now) == [
         "the recorded manifest is not a JSON object"]
+    stub = {"dataset": "cub200", "data_fingerprint": now["data_fingerprint"]}
+    assert "num_images: absent -> 32" in manifest_differences(stub, now)  # a torn file proves
+    assert "folds: absent -> [4 classes]" in manifest_differences({}, now)  # nothing
 
 
 def test_check_same_data_refuses_other_data_and_an_unreadable_manifest(tmp_path):
@@ -114,6 +129,15 @@ def test_tensor_hash_ignores_how_the_file_was_written_but_not_one_weight(tmp_pat
     assert tensors_sha256(tmp_path / "changed.pt") != tensors_sha256(tmp_path / "zip.pt")
 
 
+def test_a_file_whose_tensors_cannot_be_hashed_is_a_clear_error(tmp_path):
+    torch.save({"w": torch.eye(3).to_sparse()}, tmp_path / "sparse.pt")
+    with pytest.raises(WeightsError, match="sparse.pt: its tensors cannot be hashed"):
+        tensors_sha256(tmp_path / "sparse.pt")
+    (tmp_path / "text.pt").write_text("not torch")
+    with pytest.raises(WeightsError, match="not a readable torch weight file"):
+        tensors_sha256(tmp_path / "text.pt")
+
+
 def test_trunk_records_match_by_tensors_else_by_file():
     assert same_trunk({"sha256": "a", "tensors_sha256": "t"},
                       {"sha256": "b", "tensors_sha256": "t"})
@@ -133,6 +157,10 @@ def test_check_same_trunk_compares_with_every_earlier_invocation(tmp_path):
     (tmp_path / "provenance.json").write_text(json.dumps(runs))
     check_same_trunk(tmp_path, now)
     check_same_trunk(tmp_path, None)
+    for damaged in ("[{", '{"a": 1}'):  # unreadable, or not the list harness.run writes
+        (tmp_path / "provenance.json").write_text(damaged)
+        with pytest.raises(ConfigError, match="damaged or foreign"):
+            check_same_trunk(tmp_path, now)
     runs.append({"trunk_weights": {"file": "old.pt", "sha256": "c" * 64}})
     (tmp_path / "provenance.json").write_text(json.dumps(runs))
     with pytest.raises(ConfigError, match=r"other trunk weights: old\.pt \(file sha256 "
@@ -161,6 +189,24 @@ def test_an_older_record_is_completed_from_its_file_when_that_is_still_there(tmp
         check_same_trunk(tmp_path, now)
 
 
+def test_trials_on_other_inputs_are_refused_whoever_ran_them():
+    study = optuna.create_study(study_name="s", direction="maximize")
+    mine = {"data_fingerprint": "d" * 64, "trunk_tensors_sha256": "t" * 64}
+    for number, inputs in enumerate([mine, None, {"data_fingerprint": "d" * 64,
+                                                   "trunk_tensors_sha256": None}]):
+        study.add_trial(optuna.trial.create_trial(
+            value=0.5, params={}, distributions={},
+            user_attrs={"inputs": inputs} if inputs else {}))
+    check_trial_inputs(study, mine)  # the same, unrecorded, or no trunk recorded
+    check_trial_inputs(study, None)
+    study.add_trial(optuna.trial.create_trial(
+        value=0.5, params={}, distributions={},
+        user_attrs={"inputs": {**mine, "data_fingerprint": "e" * 64}}))
+    with pytest.raises(ConfigError, match=r"trials run on other inputs than this machine's "
+                                          r"\(data_fingerprint: trials 3 recorded another"):
+        check_trial_inputs(study, mine)
+
+
 # ---------------------------------------------------------------------------------------------
 # End to end: harness.run refuses, writes nothing, and resumes what is the same
 
@@ -174,6 +220,7 @@ def test_resuming_on_other_glyph_pixels_is_refused_and_on_a_copy_goes_on(tmp_pat
             "--stage", "search"]
     assert main(args) == 0
     recorded = (out / "split_manifest.json").read_text()
+    config = (out / "config.json").read_text()
     invocations = len(json.loads((out / "provenance.json").read_text()))
 
     copy = shutil.copytree(glyph_root, tmp_path / "copy")  # the data moved: same fingerprint
@@ -192,6 +239,22 @@ def test_resuming_on_other_glyph_pixels_is_refused_and_on_a_copy_goes_on(tmp_pat
     assert "was run on other data than glyphs at" in capsys.readouterr().err
     assert json.loads((out / "split_manifest.json").read_text()) == json.loads(recorded)
     assert len(json.loads((out / "provenance.json").read_text())) == invocations + 1
+    assert (out / "config.json").read_text() != config  # the copy's data.root: it resumed
+    resumed = (out / "config.json").read_text()
+    assert main(["--study", str(other), *args[2:]]) == 2
+    assert (out / "config.json").read_text() == resumed  # the refused run wrote nothing
+
+
+def test_a_run_that_fails_preflight_writes_nothing_into_its_folder(tmp_path, glyph_root, capsys):
+    """Preflight (here: a weight file that is not there) runs before config.json, provenance
+    and the manifest are written: a failed start leaves no invocation on record."""
+    study = write_study(tmp_path, glyph_root)
+    study.write_text(study.read_text().replace(
+        "pretrained = false", f'pretrained = true\nweights = "{tmp_path / "absent.pt"}"'))
+    out = tmp_path / "run"
+    assert main(["--study", str(study), "--output", str(out), "--device", "cpu"]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert not any(out.iterdir())
 
 
 @pytest.mark.slow
@@ -238,3 +301,26 @@ def _glyph_records(glyph_root):
 def _folder(path):
     path.mkdir()
     return path
+
+
+@pytest.mark.slow
+def test_machines_sharing_a_database_but_not_a_folder_must_share_the_data(tmp_path, glyph_root,
+                                                                          capsys):
+    """Without a shared disk each machine has its own run folder (and manifest); the trials in
+    the database say what they trained on, and a machine on other data is refused."""
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    study = write_study(tmp_path, glyph_root)
+    args = ["--study", str(study), "--device", "cpu", "--storage", storage, "--stage", "search"]
+    assert main([*args, "--output", str(tmp_path / "machine_a"), "--trials", "1"]) == 0
+
+    changed = shutil.copytree(glyph_root, tmp_path / "changed")
+    (cache,) = changed.glob("glyphs_*.npz")
+    with np.load(cache, allow_pickle=False) as data:
+        arrays = {name: data[name] for name in data.files}
+    arrays["images"][3, 1, 1, 1] ^= 1
+    write_npz_atomically(cache, arrays)
+    other = write_study(_folder(tmp_path / "b"), changed)
+    assert main(["--study", str(other), "--device", "cpu", "--storage", storage, "--stage",
+                 "search", "--output", str(tmp_path / "machine_b"), "--trials", "2"]) == 2
+    assert "trials run on other inputs than this machine's" in capsys.readouterr().err
+    assert len(optuna.load_study(study_name="tiny", storage=storage).get_trials()) == 1

@@ -33,6 +33,7 @@ def test_a_fold_trained_again_reproduces_its_recorded_curve(searched, tmp_path):
     assert [r["fold"] for r in rows] == [0, 2]
     for row in rows:
         assert row["same_curve"] is True
+        assert row["same_trunk"] is None  # the tiny study starts from random weights
         assert row["map_at_r"] == row["recorded_map_at_r"]
         assert row["stop"] == row["recorded_stop"] and row["epochs"] == row["recorded_epochs"]
     # It trained in its own folder, not the study's.
@@ -195,3 +196,26 @@ def test_the_diagnosis_watches_the_gradient_the_run_chose(tmp_path):
 def test_an_older_study_without_the_regulariser_needs_no_torch_version(searched, tmp_path):
     cfg, _ = script().recorded_config(_older_copy(searched, tmp_path, "2.11.0"), [])
     assert cfg.train.center_collapse_gradient == "mlrc"  # computes nothing different
+
+
+def test_rows_say_whether_the_trunk_is_the_recorded_one(tmp_path, capsys):
+    import torch
+
+    from harness.config import StudyConfig
+    from harness.models import SmallCNN
+    from harness.provenance import file_sha256, tensors_sha256
+
+    torch.manual_seed(0)
+    weights = tmp_path / "trunk.pt"
+    torch.save(SmallCNN().state_dict(), weights)
+    cfg = StudyConfig()
+    cfg.model.trunk, cfg.model.pretrained, cfg.model.weights = "small_cnn", True, str(weights)
+    assert script().same_trunk_as_recorded(tmp_path, cfg) is None  # no provenance
+    recorded = {"file": str(weights), "sha256": file_sha256(weights),
+                "tensors_sha256": tensors_sha256(weights)}
+    (tmp_path / "provenance.json").write_text(json.dumps([{"trunk_weights": recorded}]))
+    assert script().same_trunk_as_recorded(tmp_path, cfg) is True
+    recorded["tensors_sha256"] = "0" * 64
+    (tmp_path / "provenance.json").write_text(json.dumps([{"trunk_weights": recorded}]))
+    assert script().same_trunk_as_recorded(tmp_path, cfg) is False
+    assert "other trunk weights" in capsys.readouterr().out

@@ -1,6 +1,5 @@
 """The MLRC split arithmetic against the counts PROTOCOL.md derives, and its invariants."""
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +8,7 @@ import pytest
 from harness.datasets import Records
 from harness.errors import DatasetError
 from harness.splits import (inshop_split, make_split, mlrc_split, query_gallery_indices,
-                            sample_indices, write_manifest)
+                            sample_indices, split_manifest)
 
 
 def records(labels, partition=None, name="fake"):
@@ -105,8 +104,7 @@ def test_inshop_uses_standard_partition():
 def test_manifest_records_every_fold(tmp_path):
     r = records(np.repeat(np.arange(32), 3))
     split = make_split(r, "mlrc")
-    write_manifest(tmp_path / "m.json", r, split)
-    m = json.loads((tmp_path / "m.json").read_text())
+    m = split_manifest(r, split)
     assert m["num_images"] == 96 and m["num_classes"] == 32
     assert m["test"]["classes"] == list(range(16, 32)) and m["test"]["query_images"] == 48
     assert [f["val_images"] for f in m["folds"]] == [12] * 4

@@ -59,9 +59,9 @@ class Records:
 
     def fingerprint(self) -> str:
         """SHA-256 of what the data set is: its labels, and its pixels (data held in memory) or
-        its image paths relative to the root and their sizes (data on disk: the root may move,
-        and a copy may have new modification times; hashing every file's bytes would cost
-        minutes on SOP, so a file rewritten in place with the same size goes unseen).
+        its image paths relative to their common folder and their sizes (data on disk: the root
+        may move, and a copy may have new modification times; hashing every file's bytes would
+        cost minutes on SOP, so a file rewritten in place with the same size goes unseen).
         A resumed run folder compares it with the one it recorded (split_manifest.json)."""
         digest = hashlib.sha256(f"{self.name}\n{len(self)}\n".encode())
         digest.update(np.ascontiguousarray(self.labels, dtype="<i8").tobytes())
@@ -69,9 +69,13 @@ class Records:
             digest.update(f"{self.images.dtype.str} {self.images.shape}\n".encode())
             digest.update(np.ascontiguousarray(self.images).tobytes())
         else:
+            # relative to the folder that holds every image, not to the root: the same files
+            # in another of a data set's accepted layouts (In-Shop's Img/img or img) are the
+            # same data
+            base = os.path.commonpath([os.path.dirname(p) for p in self.paths] or ["/"])
             for path in self.paths:
                 size = self.stat_image(path).st_size
-                digest.update(f"{_relative(Path(path), self.root)}|{size}\n".encode())
+                digest.update(f"{os.path.relpath(path, base)}|{size}\n".encode())
         if self.partition is not None:
             digest.update("\n".join(self.partition.tolist()).encode())
         return digest.hexdigest()
@@ -236,11 +240,3 @@ def absolute_root(root: Path | str) -> Path:
     """The data root as an absolute path; symlinks are kept so messages show the user's path."""
     return Path(root).expanduser().absolute()
 
-
-def _relative(path: Path, root: Path) -> str:
-    """path as a POSIX string relative to root when it lies under it (the usual case), else
-    whole."""
-    try:
-        return path.relative_to(root).as_posix()
-    except ValueError:
-        return path.as_posix()
