@@ -72,10 +72,12 @@ class Records:
             # relative to the folder that holds every image, not to the root: the same files
             # in another of a data set's accepted layouts (In-Shop's Img/img or img) are the
             # same data
-            base = os.path.commonpath([os.path.dirname(p) for p in self.paths] or ["/"])
-            for path in self.paths:
-                size = self.stat_image(path).st_size
-                digest.update(f"{os.path.relpath(path, base)}|{size}\n".encode())
+            names = [os.fspath(p) for p in self.paths]  # absolute (the readers make them so)
+            base = os.path.commonpath([os.path.dirname(n) for n in names] or ["/"])
+            cut = len(base.rstrip(os.sep)) + 1  # base is a prefix: slicing, not relpath (3x)
+            for name in names:
+                size = self.stat_image(name).st_size
+                digest.update(f"{name[cut:]}|{size}\n".encode())
         if self.partition is not None:
             digest.update("\n".join(self.partition.tolist()).encode())
         return digest.hexdigest()
