@@ -53,7 +53,7 @@ def read_json(path: Path) -> Any | None:
     run folder are untrusted: the caller treats None as "not done")."""
     try:
         return json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: absurdly nested JSON
         return None
 
 
@@ -159,14 +159,16 @@ def check_same_trunk(output: Path, trunk_weights: dict | None) -> None:
     from harness.provenance import same_trunk
 
     path = output / "provenance.json"
-    if trunk_weights is None or not path.exists():
-        return  # no pretrained trunk, or none found (preflight says so); a new folder
+    if not path.exists():
+        return  # a new folder
     runs = read_json(path)
-    if not isinstance(runs, list):
+    if not isinstance(runs, list):  # checked with or without a trunk: nothing is written yet
         raise ConfigError(f"{path}: not the harness's record of this folder's invocations (a "
                           f"JSON list); it is damaged or foreign, so this run cannot check that "
                           f"it resumes from the trunk the folder ran from. Move it aside to go "
                           f"on if the weights are unchanged, or choose another --output.")
+    if trunk_weights is None:
+        return  # no pretrained trunk, or none found (preflight says so)
     earlier = [run["trunk_weights"] for run in runs
                if isinstance(run, dict) and isinstance(run.get("trunk_weights"), dict)]
     other = next((e for e in earlier

@@ -451,6 +451,9 @@ def run_search(cfg: StudyConfig, data: PreparedData, output: Path, storage_url: 
             raise SurplusTrial()
         mine.append(trial._trial_id)
         if inputs:
+            # again per trial: workers that started together on an empty study saw no trials
+            # of the others; a retried trial's predecessor (whose folds it keeps) is checked too
+            check_trial_inputs(study, inputs)
             trial.set_user_attr("inputs", inputs)
         return objective(trial)
 

@@ -21,6 +21,9 @@ from harness.datasets import Records
 from harness.errors import DatasetError
 
 NUM_FOLDS = 4
+# How Records.fingerprint is computed: a new formula gets a new number, and fingerprints of
+# different versions are not compared (they would differ for the same data).
+FINGERPRINT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,7 @@ def split_manifest(records: Records, split: Split) -> dict:
     manifest = {
         "dataset": records.name,
         "data_fingerprint": records.fingerprint(),
+        "data_fingerprint_version": FINGERPRINT_VERSION,
         "kind": split.kind,
         "num_images": len(records),
         "num_classes": int(len(np.unique(records.labels))),
@@ -140,17 +144,21 @@ def manifest_text(manifest: dict) -> str:
 
 def recorded_data_fingerprint(path: Path) -> str | None:
     """The data's fingerprint in a split manifest file (64 hex digits), or None: a manifest
-    from before it was recorded, none, or a damaged one (files in a run folder are untrusted)."""
+    from before it was recorded or computed another way (another FINGERPRINT_VERSION), none,
+    or a damaged one (files in a run folder are untrusted)."""
     try:
         manifest = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
-    value = manifest.get("data_fingerprint") if isinstance(manifest, dict) else None
+    if not isinstance(manifest, dict) or \
+            manifest.get("data_fingerprint_version") != FINGERPRINT_VERSION:
+        return None
+    value = manifest.get("data_fingerprint")
     return value if isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) else None
 
 
 # Written only since the harness recorded them: a manifest without one is compared on the rest.
-LATER_MANIFEST_KEYS = ("data_fingerprint",)
+LATER_MANIFEST_KEYS = ("data_fingerprint", "data_fingerprint_version")
 
 
 def manifest_differences(recorded: object, now: dict) -> list[str]:
@@ -159,6 +167,9 @@ def manifest_differences(recorded: object, now: dict) -> list[str]:
     of LATER_MANIFEST_KEYS. A recorded manifest that is not an object is a difference itself."""
     if not isinstance(recorded, dict):
         return ["the recorded manifest is not a JSON object"]
+    if recorded.get("data_fingerprint_version") != now.get("data_fingerprint_version"):
+        # computed another way (or before it was recorded): not comparable, the rest is
+        now = {k: v for k, v in now.items() if k not in LATER_MANIFEST_KEYS}
     found = []
     for key, value in now.items():
         if key not in recorded:

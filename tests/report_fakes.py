@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from harness.splits import FINGERPRINT_VERSION
+
 # Each metric of a row = MAP@R value * factor, so tests can derive every metric from MAP@R.
 FACTORS = {"precision_at_1": 2.0, "recall_at_1": 2.0, "recall_at_2": 2.4, "recall_at_4": 2.7,
            "recall_at_8": 2.9, "r_precision": 1.5, "map_at_r": 1.0}
@@ -40,7 +42,8 @@ def make_run(root: Path, name: str, *, dataset: str = "glyphs", loss: str = "pro
     (run / "config.json").write_text(json.dumps(config))
     if data_fingerprint:
         (run / "split_manifest.json").write_text(json.dumps(
-            {"dataset": dataset, "data_fingerprint": data_fingerprint}))
+            {"dataset": dataset, "data_fingerprint": data_fingerprint,
+             "data_fingerprint_version": FINGERPRINT_VERSION}))
     rows = []
     for rep, (folds, c) in enumerate(zip(sep, conc)):
         for k, v in enumerate(folds):

@@ -280,7 +280,7 @@ def test_studies_on_different_data_are_not_one_protocol(tmp_path):
         write_finished_study(tmp_path, name, config, TRUNK)
         if print_:
             (tmp_path / name / "split_manifest.json").write_text(
-                json.dumps({"data_fingerprint": print_}))
+                json.dumps({"data_fingerprint": print_, "data_fingerprint_version": 1}))
     protocols = {n: driver().recorded_protocol(tmp_path / n) for n in "abc"}
     assert protocols["a"]["data fingerprint"] == "1" * 64
     assert protocols["c"]["data fingerprint"] is None
@@ -302,9 +302,9 @@ def test_adding_methods_beside_studies_that_record_their_data_compares_the_data(
     args = run_args()
     args.device = "cpu"
     record = module.load_record(tmp_path, args)
-    manifest.write_text(json.dumps({"data_fingerprint": glyphs}))
+    manifest.write_text(json.dumps({"data_fingerprint": glyphs, "data_fingerprint_version": 1}))
     module.check_extends_alike(tmp_path, record, ["cosface_glyphs"], args, {"sha256": TRUNK})
-    manifest.write_text(json.dumps({"data_fingerprint": "0" * 64}))
+    manifest.write_text(json.dumps({"data_fingerprint": "0" * 64, "data_fingerprint_version": 1}))
     with pytest.raises(SystemExit, match="data fingerprint: '0+' vs '" + glyphs):
         module.check_extends_alike(tmp_path, record, ["cosface_glyphs"], args,
                                    {"sha256": TRUNK})

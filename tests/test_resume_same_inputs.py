@@ -14,7 +14,7 @@ import optuna
 import pytest
 import torch
 
-from conftest import load, write_study
+from conftest import REPO, benchmark_script, load, write_study
 from fake_datasets import make_fake_cub, make_fake_inshop, write_jpeg
 from harness.config import StudyConfig
 from harness.data import prepare_data
@@ -26,7 +26,7 @@ from harness.provenance import file_sha256, same_trunk, tensors_sha256
 from harness.run import main
 from harness.run_folder import check_same_data, check_same_trunk
 from harness.search import check_trial_inputs
-from harness.splits import manifest_differences, split_manifest
+from harness.splits import manifest_differences, recorded_data_fingerprint, split_manifest
 
 
 def cub_config(root) -> StudyConfig:
@@ -90,6 +90,10 @@ def test_an_older_manifest_without_a_fingerprint_is_compared_on_the_rest(tmp_pat
         "fold 2: val_classes [2 classes] -> [2 classes] (other ones)"]
     assert manifest_differences(["not", "a", "manifest"], now) == [
         "the recorded manifest is not a JSON object"]
+    other_formula = {**now, "data_fingerprint": "0" * 64, "data_fingerprint_version": 0}
+    assert manifest_differences(other_formula, now) == []  # fingerprints not comparable
+    assert recorded_data_fingerprint_of(other_formula, tmp_path) is None
+    assert recorded_data_fingerprint_of(now, tmp_path) == now["data_fingerprint"]
     stub = {"dataset": "cub200", "data_fingerprint": now["data_fingerprint"]}
     assert "num_images: absent -> 32" in manifest_differences(stub, now)  # a torn file proves
     assert "folds: absent -> [4 classes]" in manifest_differences({}, now)  # nothing
@@ -207,6 +211,44 @@ def test_trials_on_other_inputs_are_refused_whoever_ran_them():
         check_trial_inputs(study, mine)
 
 
+def test_record_trunk_tensors_completes_the_records_of_that_file_only(tmp_path):
+    torch.manual_seed(0)
+    weights = tmp_path / "trunk.pt"
+    torch.save(SmallCNN().state_dict(), weights)
+    runs = [{"trunk_weights": {"file": "/gone/trunk.pt", "sha256": file_sha256(weights)}},
+            {"trunk_weights": {"file": "/gone/other.pt", "sha256": "c" * 64}}, {"command": "x"}]
+    (tmp_path / "provenance.json").write_text(json.dumps(runs))
+    assert benchmark_script("record_trunk_tensors").record_tensors(tmp_path, weights) == 1
+    after = json.loads((tmp_path / "provenance.json").read_text())
+    assert after[0]["trunk_weights"]["tensors_sha256"] == tensors_sha256(weights)
+    assert after[0]["trunk_weights"]["tensors_sha256_recorded_later"] is True
+    assert after[1:] == runs[1:]
+    assert benchmark_script("record_trunk_tensors").record_tensors(tmp_path, weights) == 0
+
+
+def test_every_committed_run_folder_can_be_resumed_from_a_rebuilt_trunk(tmp_path):
+    """The committed folders' trunk records name files that exist on no other machine; they
+    record the tensors' hash, so a trunk rebuilt with those weights in other bytes resumes
+    them (more_trials.py, embedded_comparison.py), and only it."""
+    recorded = set()
+    for number, provenance in enumerate(sorted((REPO / "results").rglob("provenance.json"))):
+        runs = json.loads(provenance.read_text())
+        trunks = [r["trunk_weights"] for r in runs if r.get("trunk_weights")]
+        assert all(t.get("tensors_sha256") for t in trunks), provenance
+        recorded |= {t["tensors_sha256"] for t in trunks}
+        folder = tmp_path / str(number)
+        folder.mkdir(parents=True)
+        shutil.copy(provenance, folder / "provenance.json")
+        for tensors in {t["tensors_sha256"] for t in trunks}:
+            check_same_trunk(folder, {"file": "/rebuilt.pt", "sha256": "f" * 64,
+                                      "tensors_sha256": tensors})
+        if trunks:
+            with pytest.raises(ConfigError, match="other trunk weights"):
+                check_same_trunk(folder, {"file": "/rebuilt.pt", "sha256": "f" * 64,
+                                          "tensors_sha256": "e" * 64})
+    assert len(recorded) == 1  # one glyph trunk behind every committed result
+
+
 # ---------------------------------------------------------------------------------------------
 # End to end: harness.run refuses, writes nothing, and resumes what is the same
 
@@ -228,12 +270,7 @@ def test_resuming_on_other_glyph_pixels_is_refused_and_on_a_copy_goes_on(tmp_pat
     assert main(["--study", str(moved), *args[2:]]) == 0
     assert len(load(out).get_trials()) == 1
 
-    changed = shutil.copytree(glyph_root, tmp_path / "changed")
-    (cache,) = changed.glob("glyphs_*.npz")
-    with np.load(cache, allow_pickle=False) as data:
-        arrays = {name: data[name] for name in data.files}
-    arrays["images"][0, 0, 0, 0] ^= 1  # another renderer's pixel, say; the key still matches
-    write_npz_atomically(cache, arrays)
+    changed = _changed_glyphs(glyph_root, tmp_path / "changed")
     other = write_study(_folder(tmp_path / "other"), changed)
     assert main(["--study", str(other), *args[2:]]) == 2
     assert "was run on other data than glyphs at" in capsys.readouterr().err
@@ -255,6 +292,24 @@ def test_a_run_that_fails_preflight_writes_nothing_into_its_folder(tmp_path, gly
     assert main(["--study", str(study), "--output", str(out), "--device", "cpu"]) == 2
     assert "no such file" in capsys.readouterr().err
     assert not any(out.iterdir())
+
+
+@pytest.mark.slow
+def test_workers_check_the_data_before_writing_the_folders_config(tmp_path, glyph_root):
+    """harness.workers writes config.json and creates the study before starting the workers:
+    on other data it refuses first, as harness.run does."""
+    from harness.workers import prepare
+
+    out = tmp_path / "run"
+    study = write_study(tmp_path, glyph_root)
+    assert main(["--study", str(study), "--output", str(out), "--device", "cpu", "--trials", "1",
+                 "--stage", "search"]) == 0
+    config = (out / "config.json").read_text()
+    changed = _changed_glyphs(glyph_root, tmp_path / "changed")
+    other = write_study(_folder(tmp_path / "other"), changed)
+    with pytest.raises(ConfigError, match="was run on other data"):
+        prepare(["--study", str(other), "--output", str(out), "--device", "cpu"])
+    assert (out / "config.json").read_text() == config
 
 
 @pytest.mark.slow
@@ -313,14 +368,26 @@ def test_machines_sharing_a_database_but_not_a_folder_must_share_the_data(tmp_pa
     args = ["--study", str(study), "--device", "cpu", "--storage", storage, "--stage", "search"]
     assert main([*args, "--output", str(tmp_path / "machine_a"), "--trials", "1"]) == 0
 
-    changed = shutil.copytree(glyph_root, tmp_path / "changed")
-    (cache,) = changed.glob("glyphs_*.npz")
-    with np.load(cache, allow_pickle=False) as data:
-        arrays = {name: data[name] for name in data.files}
-    arrays["images"][3, 1, 1, 1] ^= 1
-    write_npz_atomically(cache, arrays)
+    changed = _changed_glyphs(glyph_root, tmp_path / "changed")
     other = write_study(_folder(tmp_path / "b"), changed)
     assert main(["--study", str(other), "--device", "cpu", "--storage", storage, "--stage",
                  "search", "--output", str(tmp_path / "machine_b"), "--trials", "2"]) == 2
     assert "trials run on other inputs than this machine's" in capsys.readouterr().err
     assert len(optuna.load_study(study_name="tiny", storage=storage).get_trials()) == 1
+
+
+def recorded_data_fingerprint_of(manifest: dict, folder):
+    (folder / "m.json").write_text(json.dumps(manifest))
+    return recorded_data_fingerprint(folder / "m.json")
+
+
+def _changed_glyphs(glyph_root, copy):
+    """A copy of the glyph cache with one bit of one pixel flipped (another renderer's output,
+    say): its cache key still matches, so it is loaded as the same data set."""
+    changed = shutil.copytree(glyph_root, copy)
+    (cache,) = changed.glob("glyphs_*.npz")
+    with np.load(cache, allow_pickle=False) as data:
+        arrays = {name: data[name] for name in data.files}
+    arrays["images"][0, 0, 0, 0] ^= 1
+    write_npz_atomically(cache, arrays)
+    return changed
