@@ -26,7 +26,8 @@ from harness.errors import ConfigError, HarnessError, WeightsError
 from harness.provenance import provenance
 from harness.run_folder import (RESUMABLE_KEYS, check_output_dir, write_json_atomic,  # noqa: F401 (re-exported)
                                 check_same_data, check_same_study, check_same_trunk,
-                                check_study_database, read_json, write_bytes_atomic)
+                                check_study_database, read_invocations, read_json,
+                                write_bytes_atomic)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -252,18 +253,13 @@ def output_lock(output: Path):
 
 
 def _log_invocation(output: Path, device, storage: str, trunk_weights: dict | None) -> None:
-    path = output / "provenance.json"
-    runs = read_json(path) if path.exists() else []
-    if not isinstance(runs, list):
-        raise HarnessError(f"{path}: not the harness's record of this folder's invocations (a "
-                           f"JSON list); it is damaged or foreign. Move it aside to go on: the "
-                           f"folder's results do not depend on it.")
+    runs = read_invocations(output)
     record = provenance(device, storage=storage, trunk_weights=trunk_weights)
     note = mixed_versions_note(output, runs, record["versions"])
     if note:
         print(note, flush=True)
     runs.append(record)
-    write_json_atomic(path, runs)
+    write_json_atomic(output / "provenance.json", runs)
 
 
 def mixed_versions_note(output: Path, earlier: list, versions: dict) -> str:

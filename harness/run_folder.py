@@ -150,6 +150,21 @@ def check_study_database(storage_path: Path | None, output: Path) -> None:
                           f"start a new search")
 
 
+def read_invocations(output: Path) -> list:
+    """provenance.json's records of the folder's invocations ([] for a new folder), or a
+    ConfigError for a file that is damaged or foreign."""
+    path = output / "provenance.json"
+    if not path.exists():
+        return []
+    runs = read_json(path)
+    if not isinstance(runs, list):
+        raise ConfigError(f"{path}: not the harness's record of this folder's invocations (a "
+                          f"JSON list); it is damaged or foreign. Move it aside to go on if the "
+                          f"trunk weights are unchanged (nothing else depends on it), or choose "
+                          f"another --output.")
+    return runs
+
+
 def check_same_trunk(output: Path, trunk_weights: dict | None) -> None:
     """Refuse to resume a folder whose earlier invocations started from other trunk weights
     (provenance.json's trunk_weights): config.json names the weight file, not what is in it,
@@ -158,15 +173,7 @@ def check_same_trunk(output: Path, trunk_weights: dict | None) -> None:
     hash (`harness.provenance.same_trunk`)."""
     from harness.provenance import same_trunk
 
-    path = output / "provenance.json"
-    if not path.exists():
-        return  # a new folder
-    runs = read_json(path)
-    if not isinstance(runs, list):  # checked with or without a trunk: nothing is written yet
-        raise ConfigError(f"{path}: not the harness's record of this folder's invocations (a "
-                          f"JSON list); it is damaged or foreign, so this run cannot check that "
-                          f"it resumes from the trunk the folder ran from. Move it aside to go "
-                          f"on if the weights are unchanged, or choose another --output.")
+    runs = read_invocations(output)  # read with or without a trunk: nothing is written yet
     if trunk_weights is None:
         return  # no pretrained trunk, or none found (preflight says so)
     earlier = [run["trunk_weights"] for run in runs
