@@ -148,14 +148,14 @@ def list_studies() -> int:
 
 def run(args: argparse.Namespace) -> int:
     # Imported here so that `--list` and config errors answer without loading torch models.
-    from harness.data import prepare_data, resolve_device
+    from harness.data import resolve_device
     from harness.preflight import preflight
     from harness.aggregate import summarize
     from harness.final import retrain_and_test, untrained_baseline
     from harness.storage import default_storage, sqlite_path
     from harness.search import (best_trial, check_trial_inputs, config_for_params, run_search,
                                 write_search_summary)
-    from harness.splits import manifest_text, split_manifest
+    from harness.splits import manifest_text
 
     cfg = resolve_config(args)
     output = output_dir(args, cfg)
@@ -169,18 +169,14 @@ def run(args: argparse.Namespace) -> int:
     storage = args.storage or default_storage(output)
     check_study_database(sqlite_path(storage), output)
     trunk_weights = _trunk_weights(cfg)  # may build the glyph trunk: not under the lock
-    check_same_trunk(output, trunk_weights)
     started = time.time()
-    data = prepare_data(cfg)
-    manifest = split_manifest(data.records, data.split)
-    where = f"{cfg.data.dataset} at {data.records.root}"
-    check_same_data(output, manifest, where)
+    data, manifest = checked_inputs(cfg, output, trunk_weights)
     preflight(cfg, data, device)  # weight file, loss, sampler: fail now, not inside trial 0
     with output_lock(output):  # several workers may share one output folder
         # again under the lock: workers starting together on a new folder all passed the
-        # checks above before the first of them wrote what the others must match
+        # checks before the first of them wrote what the others must match
         check_same_trunk(output, trunk_weights)
-        check_same_data(output, manifest, where)
+        check_same_data(output, manifest, data.records)
         write_json_atomic(output / "config.json", cfg.to_dict())
         _log_invocation(output, device, storage, trunk_weights)
         write_bytes_atomic(output / "split_manifest.json", manifest_text(manifest).encode())
@@ -277,6 +273,21 @@ def mixed_versions_note(output: Path, earlier: list, versions: dict) -> str:
             f"runs {now}. Its new trials and runs may differ numerically from the earlier ones "
             f"(torch 2.14 changed torch.clamp's gradient at its bound: docs/embedded.md). For one "
             f"table, finish a study with one version, or start it again in a new --output.")
+
+
+def checked_inputs(cfg: StudyConfig, output: Path, trunk_weights: dict | None):
+    """(data, split manifest) of the study, after refusing an output folder that ran from other
+    trunk weights (`_trunk_weights`' record) or on other data (`check_same_trunk`,
+    `check_same_data`). The trunk comes first: it is cheap to check, and the data may take
+    minutes to prepare."""
+    from harness.data import prepare_data
+    from harness.splits import split_manifest
+
+    check_same_trunk(output, trunk_weights)
+    data = prepare_data(cfg)
+    manifest = split_manifest(data.records, data.split)
+    check_same_data(output, manifest, data.records)
+    return data, manifest
 
 
 def _trunk_weights(cfg: StudyConfig) -> dict | None:

@@ -214,12 +214,14 @@ def _weights(record: dict) -> str:
             + (f", tensors {tensors}..." if tensors else "") + ")")
 
 
-def check_same_data(output: Path, manifest: dict, where: str) -> None:
+def check_same_data(output: Path, manifest: dict, records) -> None:
     """Refuse to resume a folder whose split_manifest.json records other data or another split
-    (images added or removed, another version of the data set, other pixels): data.root may
-    change between invocations (the data moved), what it holds may not."""
+    (images added or removed, another version of the data set, other pixels) than `manifest`,
+    the split of `records` now: data.root may change between invocations (the data moved),
+    what it holds may not."""
     from harness.splits import manifest_differences
 
+    where = f"{records.name} at {records.root}"
     path = output / "split_manifest.json"
     if not path.exists():
         return

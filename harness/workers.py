@@ -182,15 +182,12 @@ def prepare(rest: list[str]) -> tuple[Path, str]:
     output.mkdir(parents=True, exist_ok=True)
     storage = normalize_storage(run_args.storage or os.environ.get(STORAGE_ENV) or
                                 default_storage(output))
-    from harness.data import dataset_defaults, prepare_data
-    from harness.run_folder import check_same_data, check_same_trunk, write_json_atomic
-    from harness.splits import split_manifest
+    from harness.data import dataset_defaults
+    from harness.run_folder import write_json_atomic
 
-    # the checks harness.run makes, before this writes config.json or creates the study
-    check_same_trunk(output, run._trunk_weights(cfg))  # builds the glyph trunk once, too
-    data = prepare_data(cfg)  # renders / caches images once, before N workers read them
-    check_same_data(output, split_manifest(data.records, data.split),
-                    f"{cfg.data.dataset} at {data.records.root}")
+    # harness.run's checks, before this writes config.json or creates the study; it also
+    # builds the glyph trunk and renders / caches images once, before N workers read them
+    data, _ = run.checked_inputs(cfg, output, run._trunk_weights(cfg))
     with run.output_lock(output):
         write_json_atomic(output / "config.json", cfg.to_dict())
     open_study(cfg, storage, dataset_defaults(cfg, data.spec)[0])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 
 import numpy as np
@@ -101,20 +102,22 @@ def test_an_older_manifest_without_a_fingerprint_is_compared_on_the_rest(tmp_pat
 
 def test_check_same_data_refuses_other_data_and_an_unreadable_manifest(tmp_path):
     root = make_fake_cub(tmp_path / "cub", n_classes=16, per_class=2)
-    manifest = split_manifest(*_records_and_split(root))
+    records, split = _records_and_split(root)
+    manifest = split_manifest(records, split)
     out = tmp_path / "run"
     out.mkdir()
-    check_same_data(out, manifest, "cub200 at X")  # a new folder: nothing to compare
+    check_same_data(out, manifest, records)  # a new folder: nothing to compare
     other = dict(manifest, data_fingerprint="0" * 64)
     (out / "split_manifest.json").write_text(json.dumps(other))
-    with pytest.raises(ConfigError, match=r"run on other data than cub200 at X holds now "
+    where = re.escape(f"cub200 at {root}")
+    with pytest.raises(ConfigError, match=rf"run on other data than {where} holds now "
                                           r"\(data_fingerprint: 000000000000\.\.\. -> "):
-        check_same_data(out, manifest, "cub200 at X")
+        check_same_data(out, manifest, records)
     (out / "split_manifest.json").write_text(json.dumps(manifest)[:50])  # torn
     with pytest.raises(ConfigError, match="unreadable.*delete the file to go on"):
-        check_same_data(out, manifest, "cub200 at X")
+        check_same_data(out, manifest, records)
     (out / "split_manifest.json").write_text(json.dumps(manifest))
-    check_same_data(out, manifest, "cub200 at X")
+    check_same_data(out, manifest, records)
 
 
 # ---------------------------------------------------------------------------------------------
