@@ -19,6 +19,7 @@ import numpy as np
 
 from harness.datasets import Records
 from harness.errors import DatasetError
+from harness.run_folder import read_json  # untrusted: None when unreadable
 
 NUM_FOLDS = 4
 # How Records.fingerprint is computed: a new formula gets a new number, and fingerprints of
@@ -146,10 +147,7 @@ def recorded_data_fingerprint(path: Path) -> str | None:
     """The data's fingerprint in a split manifest file (64 hex digits), or None: a manifest
     from before it was recorded or computed another way (another FINGERPRINT_VERSION), none,
     or a damaged one (files in a run folder are untrusted)."""
-    try:
-        manifest = json.loads(Path(path).read_text())
-    except (OSError, ValueError, RecursionError):
-        return None
+    manifest = read_json(Path(path))
     if not isinstance(manifest, dict) or \
             manifest.get("data_fingerprint_version") != FINGERPRINT_VERSION:
         return None

@@ -241,4 +241,3 @@ def verify_standard_counts(title: str, root: Path, checks: Iterable[CountCheck])
 def absolute_root(root: Path | str) -> Path:
     """The data root as an absolute path; symlinks are kept so messages show the user's path."""
     return Path(root).expanduser().absolute()
-
