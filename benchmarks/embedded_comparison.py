@@ -39,6 +39,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from harness.progress import bar  # noqa: E402
+from harness.provenance import same_trunk  # noqa: E402
 from harness.run_folder import MISSING, config_differences, describe, flat_config  # noqa: E402
 
 
@@ -111,20 +112,33 @@ def recorded_protocol(run_dir: Path, also_ignore: tuple = ()) -> dict:
                     recorded_data_fingerprint(run_dir / "split_manifest.json"))
 
 
-RECORDED_KEYS = ("trunk sha256", "trunk tensors sha256", "libraries", "data fingerprint")
+RECORDED_KEYS = ("libraries", "data fingerprint")  # None where a folder predates recording it
+TRUNK_FIELDS = {"trunk sha256": "sha256", "trunk tensors sha256": "tensors_sha256"}
 
 
 def differences(a: dict, b: dict) -> list[str]:
     """'key: A vs B' for each key where two protocols differ, a setting that one study's
-    config lacks (written by an older harness) included; an unrecorded trunk hash or library
-    version (None: not recorded) is not a difference, and where both record the trunk's
-    tensors, two files holding the same tensors are the same trunk."""
+    config lacks (written by an older harness) included; an unrecorded library version or data
+    fingerprint (None: not recorded) is not a difference, and trunks differ as
+    `trunk_difference` says."""
     older = "absent (an older harness)"
-    by_tensors = a.get("trunk tensors sha256") and b.get("trunk tensors sha256")
+    found = [(k, x, y) for k, x, y in config_differences(a, b, skip=set(TRUNK_FIELDS))
+             if not (k in RECORDED_KEYS and (None in (x, y) or MISSING in (x, y)))]
     return [f"{k}: {describe(k, x, older)} vs {describe(k, y, older)}"
-            for k, x, y in config_differences(a, b)
-            if not (k in RECORDED_KEYS and (None in (x, y) or MISSING in (x, y)))
-            and not (k == "trunk sha256" and by_tensors)]
+            for k, x, y in sorted(found + trunk_difference(a, b), key=lambda d: d[0])]
+
+
+def trunk_difference(a: dict, b: dict) -> list[tuple[str, str, str]]:
+    """The trunks of two protocols, compared as a resumed run compares them
+    (harness.provenance.same_trunk: by tensors where both record them, else by the file's
+    hash); a hash one side did not record is not a difference."""
+    records = [{field: p.get(key) for key, field in TRUNK_FIELDS.items()} for p in (a, b)]
+    key = "trunk tensors sha256" if all(r["tensors_sha256"] for r in records) else \
+        "trunk sha256"
+    x, y = a.get(key), b.get(key)
+    if x is None or y is None or same_trunk(*records):
+        return []
+    return [(key, x, y)]
 
 
 def refuse_mixed_protocols(protocols: dict[str, dict], what: str) -> None:
