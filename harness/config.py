@@ -65,6 +65,9 @@ class ModelConfig:
     layer_norm: bool = False  # LayerNorm before the embedder (ProxyNCA++ recipe)
     embedding_size: int = 128  # MLRC: 128-d per fold model (512-d when 4 are concatenated)
     freeze_bn: bool = True  # MLRC: trunk BatchNorm in eval mode, affine params still train
+    # The trunk's first blocks kept as pretrained (no gradient, not updated): 0 = MLRC, the
+    # whole trunk fine-tuned. small_cnn only (the embedded profile: docs/embedded.md).
+    frozen_blocks: int = 0
 
 
 @dataclass
@@ -524,6 +527,7 @@ RANGES: dict[str, Bound] = {
     "data.glyph_classes": Bound(16, 256, note="the MLRC split needs 16 classes; 256 exist"),
     "data.glyph_per_class": Bound(2, note="retrieval needs another image of the class"),
     "model.embedding_size": AT_LEAST_ONE,
+    "model.frozen_blocks": Bound(0, note="0 = the whole trunk fine-tuned (MLRC)"),
     "train.batch_size": AT_LEAST_ONE,
     "train.m_per_class": AT_LEAST_ONE,
     "train.lr": POSITIVE,

@@ -75,6 +75,7 @@ class SmallCNN(nn.Module):
     benchmark run every method to convergence on a laptop."""
 
     WIDTHS = (16, 32, 64, 128)
+    LAYERS_PER_BLOCK = 3  # conv, BN, ReLU
 
     def __init__(self):
         super().__init__()
@@ -85,9 +86,37 @@ class SmallCNN(nn.Module):
             c_in = c_out
         self.features = nn.Sequential(*layers)
         self.feature_dim = c_in
+        self.frozen_blocks = 0
+
+    def freeze_first_blocks(self, count: int) -> None:
+        """Keep the first `count` blocks as they are (model.frozen_blocks): no gradient is
+        computed for them (their forward runs under no_grad, which is what saves the time), their
+        parameters leave the optimiser (requires_grad False) and their BatchNorm statistics
+        never update, whatever freeze_bn says. The state dict keeps its keys."""
+        blocks = len(self.WIDTHS)
+        if not 0 <= count <= blocks:
+            raise ConfigError(f"model.frozen_blocks must be between 0 (the whole trunk is "
+                              f"fine-tuned, as MLRC) and {blocks} (small_cnn's {blocks} conv "
+                              f"blocks, all frozen), got {count}")
+        self.frozen_blocks = count
+        for p in self._frozen_part().parameters():
+            p.requires_grad_(False)
+        self.train(self.training)
+
+    def _frozen_part(self) -> nn.Sequential:
+        return self.features[:self.LAYERS_PER_BLOCK * self.frozen_blocks]
+
+    def train(self, mode: bool = True) -> SmallCNN:
+        super().train(mode)
+        self._frozen_part().eval()  # a frozen block's BatchNorm statistics never update
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
+        cut = self.LAYERS_PER_BLOCK * self.frozen_blocks
+        if cut:
+            with torch.no_grad():
+                x = self.features[:cut](x)
+        return self.features[cut:](x)
 
 
 def _drop_classifier(prefix: str) -> Callable[[dict, dict], dict]:
@@ -233,6 +262,13 @@ def build_model(model: ModelConfig) -> EmbeddingModel:
     net = spec.build()
     if model.pretrained:
         load_trunk_weights(net, model.trunk, model.weights)
+    if model.frozen_blocks:
+        if not hasattr(net, "freeze_first_blocks"):
+            raise ConfigError(f"model.frozen_blocks = {model.frozen_blocks}: trunk "
+                              f"{model.trunk!r} has no frozen-block option (small_cnn has); "
+                              f"set model.frozen_blocks = 0 to fine-tune the whole trunk, as "
+                              f"MLRC does")
+        net.freeze_first_blocks(model.frozen_blocks)
     return EmbeddingModel(net, spec.feature_dim, pooling=model.pooling,
                           layer_norm=model.layer_norm, embedding_size=model.embedding_size,
                           freeze_bn=model.freeze_bn)

@@ -96,6 +96,11 @@ def use_float32_precision(cfg: StudyConfig) -> None:
     torch.backends.cudnn.allow_tf32 = cfg.train.tf32
 
 
+def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters training may update: all but those of frozen trunk blocks."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
 def build_fold_modules(cfg: StudyConfig, num_classes: int, device: torch.device):
     """Model, loss and their optimizers for one fold, at the configured float32 precision
     (what trains with them, and what times their steps, computes as configured)."""
@@ -111,7 +116,9 @@ def build_fold_modules(cfg: StudyConfig, num_classes: int, device: torch.device)
                          **cfg.loss.params).to(device)
     t = cfg.train
     set_collapse_gradient(loss_fn, t.center_collapse_gradient)  # SoftTriple's regulariser
-    model_opt = make_optimizer(t.optimizer, model.parameters(), t.lr, t.weight_decay,
+    # A frozen trunk block's parameters (model.frozen_blocks) are not optimised; with none
+    # frozen this is every parameter, in the same order.
+    model_opt = make_optimizer(t.optimizer, trainable(model), t.lr, t.weight_decay,
                                t.momentum, t.adam_eps)
     loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
     loss_opt = None
@@ -209,6 +216,7 @@ def train_fold(cfg: StudyConfig, data: PreparedData, fold: Fold, device: torch.d
     classes = np.asarray(sorted(fold.train_classes))
     seed_everything(seed, 0)
     model, loss_fn, model_opt, loss_opt = build_fold_modules(cfg, len(classes), device)
+    trunk_params = trainable(model.trunk)  # the warm-up freezes these only for a while
     loader, sampler = train_loader(cfg, data, train_idx, seed, device)
     to_input = batch_transform(cfg, device, train=True)  # flip + normalise on the device
     val_every, patience = dataset_defaults(cfg, data.spec)
@@ -242,7 +250,7 @@ def train_fold(cfg: StudyConfig, data: PreparedData, fold: Fold, device: torch.d
         if hasattr(loss_fn, "set_epoch"):
             loss_fn.set_epoch(epoch)  # Proxy-ISA switches its memory and filter on by epoch
         warm = epoch <= t.warmup_epochs  # warm-up: trunk frozen, embedder + proxies train
-        for p in model.trunk.parameters():
+        for p in trunk_params:
             p.requires_grad_(not warm)
         model.train()
         loss_fn.train()
