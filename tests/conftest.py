@@ -14,6 +14,7 @@ import importlib.util
 import math
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -30,9 +31,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def benchmark_script(name: str):
-    """benchmarks/NAME.py loaded as a module (benchmarks/ is not a package)."""
+    """benchmarks/NAME.py loaded as a module (benchmarks/ is not a package), registered under
+    NAME so that a process pool can pickle its functions by reference."""
     spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 

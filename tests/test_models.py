@@ -337,3 +337,76 @@ def test_eval_transform_is_deterministic_and_train_is_not():
 def test_unknown_trunk_transform():
     with pytest.raises(ConfigError, match="trunk"):
         build_transforms("vgg16")
+
+
+# -------------------------------------------------------------------------------------------
+# Frozen trunk blocks (model.frozen_blocks; the embedded profile fine-tunes the last block)
+# -------------------------------------------------------------------------------------------
+def block_parameters(model, block):
+    """small_cnn's block `block` (0-based): its conv and BatchNorm parameters."""
+    return list(model.trunk.features[3 * block:3 * block + 3].parameters())
+
+
+@pytest.mark.parametrize("frozen", [1, 2, 3, 4])
+def test_frozen_blocks_stay_as_they_were_and_the_rest_trains(frozen):
+    """freeze_bn off, so that a frozen block's BatchNorm keeping its statistics is the freeze's
+    doing; the optimiser gets every parameter, so that a frozen one unchanged is not merely one
+    left out of it."""
+    model = model_for("small_cnn", pretrained=False, freeze_bn=False, frozen_blocks=frozen)
+    randomise_bn_statistics(model.trunk)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    training_step(model)
+    after = model.state_dict()
+    frozen_keys = {k for k in before if k.startswith("trunk.features.")
+                   and int(k.split(".")[2]) < 3 * frozen}
+    assert frozen_keys and all(torch.equal(after[k], before[k]) for k in frozen_keys)
+    assert all(p.grad is None and not p.requires_grad
+               for b in range(frozen) for p in block_parameters(model, b))
+    changed = {k for k in before if not torch.equal(after[k], before[k])}
+    assert "embedder.weight" in changed
+    for b in range(frozen, 4):  # the blocks after the frozen ones: weights and statistics
+        assert {f"trunk.features.{3 * b}.weight", f"trunk.features.{3 * b + 1}.running_mean",
+                f"trunk.features.{3 * b + 1}.bias"} <= changed
+
+
+def test_frozen_blocks_compute_what_the_trunk_computes():
+    """Freezing changes what trains, not the function: the same weights embed alike, and the
+    state dict keeps its keys (checkpoints of either load into the other)."""
+    whole = model_for("small_cnn", pretrained=False)
+    randomise_bn_statistics(whole.trunk)
+    frozen = model_for("small_cnn", pretrained=False, frozen_blocks=3)
+    frozen.load_state_dict(whole.state_dict())
+    x = images("small_cnn", batch=4)
+    for mode in (True, False):  # freeze_bn: BatchNorm in eval mode in both
+        whole.train(mode)
+        frozen.train(mode)
+        assert torch.equal(whole(x), frozen(x))
+    assert list(frozen.state_dict()) == list(whole.state_dict())
+
+
+def test_the_optimiser_and_the_warm_up_leave_frozen_blocks_out():
+    """harness.train gives the optimiser what trains; a warm-up that unfreezes the trunk after
+    its epochs must not unfreeze the frozen blocks (it toggles the trainable ones only)."""
+    from harness.config import load_study
+    from harness.train import build_fold_modules, trainable
+
+    cfg = load_study("proxy_anchor_glyphs", profile="embedded")
+    cfg.model.pretrained = False
+    model, _, model_opt, _ = build_fold_modules(cfg, num_classes=8, device=torch.device("cpu"))
+    optimised = {id(p) for group in model_opt.param_groups for p in group["params"]}
+    frozen = {id(p) for b in range(3) for p in block_parameters(model, b)}
+    assert cfg.model.frozen_blocks == 3 and frozen and not optimised & frozen
+    assert optimised == {id(p) for p in trainable(model)}
+    assert {id(p) for p in block_parameters(model, 3)} <= optimised
+
+
+@pytest.mark.parametrize("trunk, count, message", [
+    ("small_cnn", 5, "between 0 .* and 4"),
+    ("small_cnn", -1, "between 0"),
+    ("resnet18", 1, "'resnet18' has no frozen-block option"),
+    ("bninception", 2, "'bninception' has no frozen-block option"),
+])
+def test_frozen_blocks_a_trunk_cannot_freeze_is_a_clear_error(trunk, count, message):
+    with pytest.raises(ConfigError, match=message):
+        model_for(trunk, pretrained=False, frozen_blocks=count)
