@@ -99,11 +99,27 @@ def older_center_collapse_gradient(invocations) -> str | None:
     return "zero"
 
 
+def cpu_model() -> str:
+    """The processor's name (/proc/cpuinfo on Linux; else what platform knows, or ""). Worth
+    recording: the last bits of a CPU run, and so the glyph trunk's weights, differ from one
+    processor to another (docs/embedded.md)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def hardware(device: torch.device | None = None) -> dict:
     import torch
 
     info = {"platform": platform.platform(), "processor": platform.processor() or
-            platform.machine(), "cpu_count": os.cpu_count(),
+            platform.machine(), "cpu_model": cpu_model(),
+            # the vector instructions torch's CPU kernels use (AVX2, AVX512, ...)
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "cuda_available": torch.cuda.is_available()}
     if torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]

@@ -52,3 +52,22 @@ def test_a_damaged_provenance_file_is_a_clear_error_and_kept(tmp_path, text):
     with pytest.raises(HarnessError, match="provenance.json: not the harness's record"):
         _log_invocation(tmp_path, None, "sqlite:///x.db", None)
     assert (tmp_path / "provenance.json").read_text() == text
+
+
+def test_hardware_names_the_processor_and_its_vector_instructions(monkeypatch, tmp_path):
+    """The glyph trunk's weights differ between an Intel and an AMD CPU (docs/embedded.md): a
+    run records which processor and which of torch's CPU kernels (AVX2, AVX512, ...) it ran."""
+    import harness.provenance as provenance
+
+    info = provenance.hardware()
+    assert isinstance(info["cpu_model"], str) and info["cpu_capability"] in (
+        "DEFAULT", "NO AVX", "AVX2", "AVX512", "ZVECTOR", "VSX", "SVE256")
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9R14\n")
+    real_path = provenance.Path
+    monkeypatch.setattr(provenance, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo"
+                        else real_path(p))
+    assert provenance.cpu_model() == "AMD EPYC 9R14"
+    monkeypatch.setattr(provenance, "Path", lambda p: tmp_path / "absent")
+    monkeypatch.setattr(provenance.platform, "processor", lambda: "arm")
+    assert provenance.cpu_model() == "arm"
