@@ -31,6 +31,7 @@ def trial_rows(out) -> int:
 @pytest.mark.parametrize("overrides, expected", [
     (["model.pretrained=true", "model.weights=/no/such/weights.pt"], "no such file"),
     (["train.batch_size=4096"], "training classes"),
+    (["model.frozen_blocks=5"], "model.frozen_blocks must be between 0"),
 ])
 def test_fails_before_any_trial(tmp_path, capsys, monkeypatch, overrides, expected):
     monkeypatch.setenv("HARNESS_NO_PROGRESS", "1")
