@@ -292,6 +292,10 @@ def command_run(args) -> int:
     start = time.perf_counter()
     trunk = prepare_once()
     check_extends_alike(out, record, studies, args, trunk)
+    # Studies an earlier invocation finished without recording them (it was interrupted before
+    # its end): harness.run only checks them now, so their seconds here are not their cost.
+    finished_before = {s for s in studies if (out / s / "final" / "summary.json").exists()
+                       and s not in succeeded_studies(out, record)}
     prepared = time.perf_counter()
     # one bar over the studies (each study's own output goes to OUT/<study>.log): a seed of
     # the full comparison runs for hours on a laptop
@@ -302,6 +306,8 @@ def command_run(args) -> int:
             done.update()
         runs = [f.result() for f in futures]  # in the order of the studies
     finished = time.perf_counter()
+    for run in runs:
+        run["finished_before"] = run["study"] in finished_before
     failed = [r["study"] for r in runs if r["exit"]]
     record["batches"].append({
         "methods": methods, "jobs": args.jobs, "threads": args.threads, "device": args.device,
@@ -332,6 +338,12 @@ def comparison_markdown(record: dict, table: pd.DataFrame, failed: list[str]) ->
                      f"by side with {b['threads']} torch thread(s) on {b['cpu_count']} CPU "
                      f"cores ({b.get('device') or 'cpu'}): {b['studies_wall_seconds']:.0f} s "
                      f"wall (data + trunk preparation before: {b['prepare_seconds']:.0f} s)")
+        earlier = [r["study"] for r in b["runs"] if r.get("finished_before")]
+        if earlier:
+            lines.append(f"  - of these, {len(earlier)} ({', '.join(earlier)}) had been run to "
+                         f"their end by an earlier invocation that was interrupted before it "
+                         f"recorded them: this batch only checked them, so its wall time does "
+                         f"not include theirs (their `provenance.json` and logs have it)")
     total = sum(b["studies_wall_seconds"] for b in batches)
     lines.append(f"- wall time of all batches: {total:.0f} s")
     if len(table):

@@ -396,3 +396,35 @@ def test_run_records_the_studies_in_their_order_whatever_order_they_finish(tmp_p
     batch = json.loads((tmp_path / "comparison.json").read_text())["batches"][0]
     assert [r["study"] for r in batch["runs"]] == list(delays)
     assert batch["failed"] == list(delays)
+
+
+def test_studies_an_interrupted_invocation_finished_are_recorded_as_such(tmp_path, monkeypatch):
+    """An invocation stopped before its end records nothing; running it again checks the
+    studies it finished in seconds. The record must not pass those seconds off as their cost."""
+    module = driver()
+    monkeypatch.setattr(module, "prepare_once", lambda: {"sha256": TRUNK})
+    monkeypatch.setattr(module, "check_extends_alike", lambda *a: None)
+    monkeypatch.setattr(module, "summarise", lambda out, studies: pd.DataFrame())
+    monkeypatch.setattr(module.subprocess, "call", lambda *a, **k: 0)  # no report
+    (tmp_path / "cosface_glyphs" / "final").mkdir(parents=True)
+    (tmp_path / "cosface_glyphs" / "final" / "summary.json").write_text("{}")
+
+    def fake_run_study(study, args, out):
+        (out / study / "final").mkdir(parents=True, exist_ok=True)
+        (out / study / "final" / "summary.json").write_text("{}")
+        return {"study": study, "exit": 0, "seconds": 2.0}
+
+    monkeypatch.setattr(module, "run_study", fake_run_study)
+    assert module.main(["run", "--methods", "cosface,arcface", "--jobs", "1",
+                        "--out", str(tmp_path)]) == 0
+    runs = json.loads((tmp_path / "comparison.json").read_text())["batches"][0]["runs"]
+    assert [(r["study"], r["finished_before"]) for r in runs] == [
+        ("cosface_glyphs", True), ("arcface_glyphs", False)]
+    text = (tmp_path / "comparison.md").read_text()
+    assert "of these, 1 (cosface_glyphs) had been run to their end by an earlier" in text
+    # once recorded, a later batch that checks them again is not "finished before"
+    assert module.main(["run", "--methods", "cosface", "--jobs", "1",
+                        "--out", str(tmp_path)]) == 0
+    runs = json.loads((tmp_path / "comparison.json").read_text())["batches"][1]["runs"]
+    assert runs == [{"study": "cosface_glyphs", "exit": 0, "seconds": 2.0,
+                     "finished_before": False}]
