@@ -294,8 +294,9 @@ def command_run(args) -> int:
     check_extends_alike(out, record, studies, args, trunk)
     # Studies an earlier invocation finished without recording them (it was interrupted before
     # its end): harness.run only checks them now, so their seconds here are not their cost.
-    finished_before = {s for s in studies if (out / s / "final" / "summary.json").exists()
-                       and s not in succeeded_studies(out, record)}
+    recorded = set(succeeded_studies(out, record))
+    finished_before = {s for s in studies if s not in recorded
+                       and (out / s / "final" / "summary.json").exists()}
     prepared = time.perf_counter()
     # one bar over the studies (each study's own output goes to OUT/<study>.log): a seed of
     # the full comparison runs for hours on a laptop

@@ -104,7 +104,10 @@ class SmallCNN(nn.Module):
         self.train(self.training)
 
     def _frozen_part(self) -> nn.Sequential:
-        return self.features[:self.LAYERS_PER_BLOCK * self.frozen_blocks]
+        return self.features[:self._frozen_layers()]
+
+    def _frozen_layers(self) -> int:
+        return self.LAYERS_PER_BLOCK * self.frozen_blocks
 
     def train(self, mode: bool = True) -> SmallCNN:
         super().train(mode)
@@ -112,7 +115,7 @@ class SmallCNN(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cut = self.LAYERS_PER_BLOCK * self.frozen_blocks
+        cut = self._frozen_layers()
         if cut:
             with torch.no_grad():
                 x = self.features[:cut](x)

@@ -97,7 +97,8 @@ def use_float32_precision(cfg: StudyConfig) -> None:
 
 
 def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The parameters training may update: all but those of frozen trunk blocks."""
+    """The parameters training may update (requires_grad): for a model, all but those of
+    frozen trunk blocks; for a loss, its proxies or class weights, if any."""
     return [p for p in module.parameters() if p.requires_grad]
 
 
@@ -120,7 +121,7 @@ def build_fold_modules(cfg: StudyConfig, num_classes: int, device: torch.device)
     # frozen this is every parameter, in the same order.
     model_opt = make_optimizer(t.optimizer, trainable(model), t.lr, t.weight_decay,
                                t.momentum, t.adam_eps)
-    loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
+    loss_params = trainable(loss_fn)
     loss_opt = None
     if loss_params:
         loss_opt = make_optimizer(t.loss_optimizer, loss_params, t.loss_lr,
