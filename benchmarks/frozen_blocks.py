@@ -2,9 +2,11 @@
 fit in about an hour on 2 CPU cores.)
 
     python benchmarks/frozen_blocks.py [--methods proxy_anchor,multi_similarity,...] [--blocks 0,3]
+    python benchmarks/frozen_blocks.py --blocks 3,3+cache   # model.cache_frozen_features
 
 Trains the 4 folds of `<loss>_glyphs --profile embedded` (its schedule and early stopping, the
-loss's default parameters, fold seed = fold index) once per `model.frozen_blocks` value, one torch
+loss's default parameters, fold seed = fold index) once per `model.frozen_blocks` value (N+cache:
+N blocks frozen, their output computed once per image: model.cache_frozen_features), one torch
 thread per process and two processes side by side (each method's variants run together, so a
 busy machine slows them alike), and prints per fold the best validation MAP@R, the iteration it
 came at, where the fold stopped and why (p = patience, m = the epoch cap, d = diverged), and per
@@ -30,9 +32,19 @@ sys.path.insert(0, str(REPO))
 METHODS = "proxy_anchor,multi_similarity,norm_softmax,proxy_nca_pp,arcface,triplet"
 
 
-def train_folds(loss: str, frozen_blocks: int, overrides: tuple[str, ...] = ()
-                ) -> tuple[str, int, list[tuple], float]:
-    """(loss, frozen_blocks, [(best MAP@R, best iteration, last iteration, stop)], seconds)."""
+def variant_overrides(variant: str) -> list[str]:
+    """`--blocks` entry -> overrides: "3" = model.frozen_blocks 3, "3+cache" = with the
+    frozen blocks' output cached (model.cache_frozen_features)."""
+    blocks, plus, cache = variant.partition("+")
+    if not blocks.isdigit() or (plus and cache != "cache"):
+        raise SystemExit(f"--blocks entry {variant!r}: expected N or N+cache (N = 0-4)")
+    return [f"model.frozen_blocks={blocks}",
+            f"model.cache_frozen_features={'true' if plus else 'false'}"]
+
+
+def train_folds(loss: str, variant: str, overrides: tuple[str, ...] = ()
+                ) -> tuple[str, str, list[tuple], float]:
+    """(loss, variant, [(best MAP@R, best iteration, last iteration, stop)], seconds)."""
     import torch
 
     from harness.config import load_study
@@ -41,7 +53,7 @@ def train_folds(loss: str, frozen_blocks: int, overrides: tuple[str, ...] = ()
 
     torch.set_num_threads(1)
     cfg = load_study(f"{loss}_glyphs", profile="embedded",
-                     overrides=[*overrides, f"model.frozen_blocks={frozen_blocks}"])
+                     overrides=[*overrides, *variant_overrides(variant)])
     data = prepare_data(cfg)
     per_epoch = cfg.train.iters_per_epoch
     folds, began = [], time.perf_counter()
@@ -50,20 +62,23 @@ def train_folds(loss: str, frozen_blocks: int, overrides: tuple[str, ...] = ()
             r = train_fold(cfg, data, fold, torch.device("cpu"), fold.index, Path(tmp))
         folds.append((r.best_map_at_r, r.best_epoch * per_epoch, r.epochs_trained * per_epoch,
                       r.stop_reason[0]))
-    return loss, frozen_blocks, folds, time.perf_counter() - began
+    return loss, variant, folds, time.perf_counter() - began
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=METHODS, help="comma-separated loss aliases")
-    p.add_argument("--blocks", default="0,3", help="model.frozen_blocks values to compare")
+    p.add_argument("--blocks", default="0,3",
+                   help="model.frozen_blocks values to compare; N+cache caches their output")
     p.add_argument("--procs", type=int, default=2)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="another override of the profile, for every variant")
     args = p.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
-    blocks = [int(b) for b in args.blocks.split(",")]
+    blocks = [b for b in args.blocks.split(",") if b]
+    for b in blocks:
+        variant_overrides(b)  # a bad entry fails here, before any training
 
     from harness.glyph_trunk import pretrained_trunk_file
 

@@ -68,6 +68,11 @@ class ModelConfig:
     # The trunk's first blocks kept as pretrained (no gradient, not updated): 0 = MLRC, the
     # whole trunk fine-tuned. small_cnn only (the embedded profile: docs/embedded.md).
     frozen_blocks: int = 0
+    # Compute the frozen blocks' output once per image and train the rest of the model on it
+    # (harness/frozen_features.py): the same training up to the last bits, several times less
+    # work per step. Needs frozen_blocks >= 1 and a deterministic input (data.random_crop =
+    # false, a trunk without flips). false = every step runs the whole trunk on images.
+    cache_frozen_features: bool = False
 
 
 @dataclass
@@ -581,6 +586,28 @@ def check_ranges(cfg: StudyConfig) -> None:
                           f"so crop must be <= resize")
 
 
+def _check_frozen_feature_cache(cfg: StudyConfig) -> None:
+    """model.cache_frozen_features holds one output per image: only right when the frozen
+    blocks see the same input for an image at every step."""
+    if not cfg.model.cache_frozen_features:
+        return
+    from harness.models import input_norm
+
+    why = ""
+    if cfg.model.frozen_blocks < 1:
+        why = "model.frozen_blocks is 0: no block is frozen, so there is nothing to cache"
+    elif cfg.data.random_crop:
+        why = ("data.random_crop is true: each step draws another crop of an image, so its "
+               "frozen blocks' output changes (set data.random_crop = false)")
+    elif input_norm(cfg.model.trunk).hflip:
+        why = (f"trunk {cfg.model.trunk!r} is trained on randomly flipped images, so an "
+               f"image's frozen blocks' output changes between steps")
+    if why:
+        raise ConfigError(f"model.cache_frozen_features = true: {why}. Set "
+                          f"model.cache_frozen_features = false to run the whole trunk on "
+                          f"images at every step.")
+
+
 def validate(cfg: StudyConfig) -> None:
     """Cross-field checks that single-key type checks cannot do."""
     check_study_name(cfg.name)
@@ -610,6 +637,7 @@ def validate(cfg: StudyConfig) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
+    _check_frozen_feature_cache(cfg)
     if cfg.final.reproductions == 0 and not cfg.final.include_best_trial:
         raise ConfigError("final.reproductions=0 with final.include_best_trial=false leaves "
                           "nothing to test: allow one of them")

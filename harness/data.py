@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,10 @@ class PreparedData:
     records: Records
     split: Split
     resized: ResizedImages | None = None  # decode-once cache (data.cache), else None
+    # model.cache_frozen_features: the frozen blocks' output per image, by the blocks' weights
+    # (harness/frozen_features.py); filled on first use, in memory only.
+    frozen_features: dict[str, torch.Tensor] = field(default_factory=dict, compare=False,
+                                                     repr=False)
 
 
 class UInt8Images(torch.utils.data.Dataset):

@@ -99,11 +99,12 @@ class SmallCNN(nn.Module):
                               f"fine-tuned, as MLRC) and {blocks} (small_cnn's {blocks} conv "
                               f"blocks, all frozen), got {count}")
         self.frozen_blocks = count
-        for p in self._frozen_part().parameters():
+        for p in self.frozen_part().parameters():
             p.requires_grad_(False)
         self.train(self.training)
 
-    def _frozen_part(self) -> nn.Sequential:
+    def frozen_part(self) -> nn.Sequential:
+        """The frozen blocks' layers (empty when none is frozen)."""
         return self.features[:self._frozen_layers()]
 
     def _frozen_layers(self) -> int:
@@ -111,15 +112,24 @@ class SmallCNN(nn.Module):
 
     def train(self, mode: bool = True) -> SmallCNN:
         super().train(mode)
-        self._frozen_part().eval()  # a frozen block's BatchNorm statistics never update
+        self.frozen_part().eval()  # a frozen block's BatchNorm statistics never update
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def frozen_prefix(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen blocks' output (the input itself when none is frozen), without a graph."""
         cut = self._frozen_layers()
-        if cut:
-            with torch.no_grad():
-                x = self.features[:cut](x)
-        return self.features[cut:](x)
+        if not cut:
+            return x
+        with torch.no_grad():
+            return self.features[:cut](x)
+
+    def trainable_suffix(self, x: torch.Tensor) -> torch.Tensor:
+        """The blocks after the frozen ones, from the frozen blocks' output (the
+        model.cache_frozen_features path starts here: harness/frozen_features.py)."""
+        return self.features[self._frozen_layers():](x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trainable_suffix(self.frozen_prefix(x))
 
 
 def _drop_classifier(prefix: str) -> Callable[[dict, dict], dict]:
@@ -252,8 +262,12 @@ class EmbeddingModel(nn.Module):
                     module.eval()
         return self
 
+    def head(self, trunk_output: torch.Tensor) -> torch.Tensor:
+        """pool -> norm -> embedder, from the trunk's output."""
+        return self.embedder(self.norm(self.pool(trunk_output)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.embedder(self.norm(self.pool(self.trunk(x))))
+        return self.head(self.trunk(x))
 
 
 def build_model(model: ModelConfig) -> EmbeddingModel:

@@ -27,8 +27,10 @@ import torch
 
 from harness.config import StudyConfig
 from harness.data import (PreparedData, batch_transform, dataset_defaults, eval_loader,
-                          fold_indices, train_loader)
+                          fold_indices, make_train_sampler, train_loader)
 from harness.errors import HarnessError
+from harness.frozen_features import (FromFrozenFeatures, TrainBatches, eval_batches,
+                                     frozen_features)
 from harness.run_folder import write_json_atomic
 from harness.metrics import NonFiniteEmbeddings, compute_embeddings, retrieval_metrics
 from harness.models import build_model
@@ -133,11 +135,33 @@ def validate(cfg: StudyConfig, model, data: PreparedData, indices: np.ndarray,
              device: torch.device) -> dict:
     """MAP@R etc. on the fold's validation classes (self-retrieval)."""
     use_float32_precision(cfg)
-    loader = eval_loader(cfg, data, indices, device)
-    emb, labels = compute_embeddings(model, loader, device, amp=_amp_enabled(cfg, device),
-                                     desc="validate",
-                                     batch_transform=batch_transform(cfg, device, train=False))
+    amp = _amp_enabled(cfg, device)
+    if cfg.model.cache_frozen_features:  # the frozen blocks' output, computed once per image
+        features = frozen_features(cfg, model, data, device, amp)
+        batches = eval_batches(features, indices, data.records.labels, cfg.train.eval_batch_size)
+        emb, labels = compute_embeddings(FromFrozenFeatures(model), batches, device, amp=amp,
+                                         desc="validate")
+    else:
+        loader = eval_loader(cfg, data, indices, device)
+        emb, labels = compute_embeddings(model, loader, device, amp=amp, desc="validate",
+                                         batch_transform=batch_transform(cfg, device,
+                                                                         train=False))
     return retrieval_metrics(emb, labels, device=device)
+
+
+def fold_batches(cfg: StudyConfig, model, data: PreparedData, indices: np.ndarray, seed: int,
+                 device: torch.device, amp: bool):
+    """(batches, sampler, the model that takes them, the device-side input transform) of one
+    fold's training: images through the whole model, or with model.cache_frozen_features the
+    frozen blocks' cached output through the rest of it, in the same sampler's batches."""
+    if not cfg.model.cache_frozen_features:
+        loader, sampler = train_loader(cfg, data, indices, seed, device)
+        return loader, sampler, model, batch_transform(cfg, device, train=True)
+    features = frozen_features(cfg, model, data, device, amp)
+    labels = data.records.labels[indices]
+    sampler = make_train_sampler(cfg, labels, seed)
+    batches = TrainBatches(features, indices, labels, sampler, cfg.train.batch_size)
+    return batches, sampler, FromFrozenFeatures(model), torch.nn.Identity()
 
 
 def _amp_enabled(cfg: StudyConfig, device: torch.device) -> bool:
@@ -218,8 +242,6 @@ def train_fold(cfg: StudyConfig, data: PreparedData, fold: Fold, device: torch.d
     seed_everything(seed, 0)
     model, loss_fn, model_opt, loss_opt = build_fold_modules(cfg, len(classes), device)
     trunk_params = trainable(model.trunk)  # the warm-up freezes these only for a while
-    loader, sampler = train_loader(cfg, data, train_idx, seed, device)
-    to_input = batch_transform(cfg, device, train=True)  # flip + normalise on the device
     val_every, patience = dataset_defaults(cfg, data.spec)
     t = cfg.train
     amp = _amp_enabled(cfg, device)
@@ -240,6 +262,10 @@ def train_fold(cfg: StudyConfig, data: PreparedData, fold: Fold, device: torch.d
                                   f"optimizers ({type(e).__name__}: {str(e)[:300]}). Delete "
                                   f"it to retrain that fold from its start.") from None
 
+    # After the resume: a checkpoint's frozen blocks get the cached features of those blocks.
+    # to_input: flip + normalise on the device (images); nothing for cached features.
+    loader, sampler, step_model, to_input = fold_batches(cfg, model, data, train_idx, seed,
+                                                         device, amp)
     # Labels arrive as data-set class ids; losses want 0..C-1 for this fold's train classes.
     label_map = torch.as_tensor(classes)
     stop_reason = "max_epochs"
@@ -259,7 +285,7 @@ def train_fold(cfg: StudyConfig, data: PreparedData, fold: Fold, device: torch.d
         for images, labels in loader:
             images = to_input(images.to(device, non_blocking=True))  # uint8 -> trunk input
             labels = torch.searchsorted(label_map, labels).to(device)
-            loss = training_step(model, loss_fn, model_opt, loss_opt, images, labels, amp,
+            loss = training_step(step_model, loss_fn, model_opt, loss_opt, images, labels, amp,
                                  t.grad_clip)
             if loss is None:
                 diverged = True

@@ -36,7 +36,8 @@ EMBEDDED_PROFILE_CHANGES = {
     "model.pretrained": True, "model.freeze_bn": True,
     "train.lr": 1e-3, "train.weight_decay": 1e-4, "train.iters_per_epoch": 20,
     "train.max_epochs": 50, "search.trials": 10, "final.reproductions": 10,
-    "train.center_collapse_gradient": "zero", "model.frozen_blocks": 3}
+    "train.center_collapse_gradient": "zero", "model.frozen_blocks": 3,
+    "model.cache_frozen_features": True}
 QUICKSTART_CHANGES = {**EMBEDDED_PROFILE_CHANGES, "train.lr": 5e-4, "train.max_epochs": 6,
                       "search.trials": 4, "final.reproductions": 1}
 
@@ -48,6 +49,7 @@ def changed(config: dict, changes: dict) -> dict:
     # added since: MLRC's gradient at collapsed SoftTriple centers (docs/conformance.md)
     config["train"].setdefault("center_collapse_gradient", "mlrc")
     config.setdefault("model", {}).setdefault("frozen_blocks", 0)  # added since: MLRC's, none
+    config["model"].setdefault("cache_frozen_features", False)  # added since: images each step
     for key, value in changes.items():
         section, field = key.split(".")
         config[section][field] = value
