@@ -2,7 +2,7 @@
 
     python benchmarks/embedded_comparison.py run --seed 0 [--methods a,b,...] [--jobs 2] [--out DIR]
     python benchmarks/embedded_comparison.py spearman results/embedded/seed_0 \
-        results/embedded/seed_1
+        results/embedded/seed_1 [--differ-in model.cache_frozen_features] [--out FILE]
 
 `run` renders the glyphs and builds the pretrained glyph trunk once, then runs each method's
 cell `<alias>_glyphs --profile embedded` (studies/profiles/embedded.toml: Sobol+GP search with
@@ -21,6 +21,9 @@ changed profile, a trunk with other weights) is refused before any training.
 `spearman` ranks the methods of two runs by concatenated test MAP@R and writes the Spearman rank
 correlation with both tables (by default seeds.md in the first run's parent folder); the two
 folders' studies must differ in the seed only (same settings and trunk), or it refuses.
+`--differ-in KEY` (repeatable) lets them differ in that setting too, and says so in the output:
+e.g. the same seed run with and without model.cache_frozen_features measures how far the
+ranking moves with the last bits of the arithmetic alone.
 """
 
 from __future__ import annotations
@@ -83,8 +86,9 @@ def protocol(config: dict, trunk: dict | None, also_ignore: tuple = (),
     differs between torch 2.11 and 2.14): what every study in one table (or, less the seed, in
     both seeds) must share; and the data's fingerprint (`Records.fingerprint`, None where not
     recorded)."""
-    ignore = PER_METHOD_KEYS + also_ignore
-    kept = {k: v for k, v in flat_config(config).items() if k.split(".")[0] not in ignore}
+    ignore = PER_METHOD_KEYS + also_ignore  # sections ("seed", "loss") or dotted settings
+    kept = {k: v for k, v in flat_config(config).items()
+            if k.split(".")[0] not in ignore and k not in ignore}
     trunk = trunk if isinstance(trunk, dict) else {}
     return {**kept, "trunk sha256": trunk.get("sha256"),
             "trunk tensors sha256": trunk.get("tensors_sha256"), "libraries": libraries,
@@ -463,29 +467,47 @@ def both_seeds_table(tables: list, common: list[str]) -> pd.DataFrame:
     return table
 
 
-def check_seeds_alike(runs: list[Path], common: list[str]) -> None:
+def check_seeds_alike(runs: list[Path], common: list[str], differ_in: tuple = ()) -> None:
     """Two seeds compare one protocol: each method's study in both folders, where its folder is
-    there, has the same config less method and seed, and the same trunk."""
-    protocols = {f"{run / study}": recorded_protocol(run / study, also_ignore=("seed",))
+    there, has the same config less method, seed and the `differ_in` settings, and the same
+    trunk."""
+    protocols = {f"{run / study}": recorded_protocol(run / study,
+                                                     also_ignore=("seed", *differ_in))
                  for study in common for run in runs if (run / study).is_dir()}
     if protocols:
         refuse_mixed_protocols(protocols, "spearman")
 
 
+def settings_allowed_to_differ(keys: list[str]) -> tuple[str, ...]:
+    """--differ-in values, each a dotted setting of the study config (a typo would allow
+    nothing and say that it did), or SystemExit."""
+    from harness.config import StudyConfig
+
+    known = set(flat_config(StudyConfig().to_dict()))
+    unknown = [k for k in keys if k not in known]
+    if unknown:
+        raise SystemExit(f"--differ-in {', '.join(unknown)}: not a study setting (expected a "
+                         f"dotted key such as model.cache_frozen_features or train.lr)")
+    return tuple(keys)
+
+
 def command_spearman(args) -> int:
+    differ_in = settings_allowed_to_differ(args.differ_in)
     tables = []
     for run in args.runs:
         seed, frame = read_record(Path(run) / "comparison.json", lambda record: (
             record["seed"], pd.DataFrame(record["table"]).set_index("study")))
         tables.append((run, seed, frame))
     common = sorted(set(tables[0][2].index) & set(tables[1][2].index))
-    check_seeds_alike([Path(run) for run in args.runs], common)
+    check_seeds_alike([Path(run) for run in args.runs], common, differ_in)
     a, b = (t[2].loc[common, "concatenated_map_at_r"] for t in tables)
     agree = seed_agreement(a, b)
     (_, seed_a, _), (_, seed_b, _) = tables
     lines = [
         "# Is the ranking reproducible? Two seeds of the embedded comparison", "",
         f"Runs: {tables[0][0]} and {tables[1][0]}; {len(common)} methods in both.", "",
+        *([f"Besides the seed, the runs were allowed to differ in: {', '.join(differ_in)} "
+           f"(--differ-in).", ""] if differ_in else []),
         f"Spearman rank correlation of concatenated test MAP@R: **{agree['rho']:.3f}** "
         f"(p = {agree['p']:.3g}).", "",
         f"Pairs of methods in the same order in both seeds: {agree['same_order']} of "
@@ -527,6 +549,9 @@ def main(argv: list[str] | None = None) -> int:
     spearman.add_argument("runs", nargs=2)
     spearman.add_argument("--out", default="",
                           help="default: seeds.md beside the first run's folder")
+    spearman.add_argument("--differ-in", action="append", default=[], metavar="KEY",
+                          help="a setting (e.g. model.cache_frozen_features) the two runs may "
+                               "differ in besides the seed; repeatable")
     args = p.parse_args(argv)
     return command_run(args) if args.command == "run" else command_spearman(args)
 

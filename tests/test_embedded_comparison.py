@@ -428,3 +428,29 @@ def test_studies_an_interrupted_invocation_finished_are_recorded_as_such(tmp_pat
     runs = json.loads((tmp_path / "comparison.json").read_text())["batches"][1]["runs"]
     assert runs == [{"study": "cosface_glyphs", "exit": 0, "seconds": 2.0,
                      "finished_before": False}]
+
+
+def test_spearman_compares_runs_that_differ_in_a_setting_it_was_told_of(tmp_path):
+    """--differ-in names a setting the runs may differ in (the same seed with and without the
+    frozen-block cache); any other difference is still refused, and so is an unknown key."""
+    for run, cache, epochs in (("a", False, 50), ("b", True, 50)):
+        write_comparison(tmp_path / run, 0, {"cosface_glyphs": 0.5, "proxy_anchor_glyphs": 0.4})
+        for study in ("cosface_glyphs", "proxy_anchor_glyphs"):
+            config = planned_config(study)
+            config["model"]["cache_frozen_features"] = cache
+            config["train"]["max_epochs"] = epochs
+            write_finished_study(tmp_path / run, study, config, TRUNK)
+    out = tmp_path / "agree.md"
+    argv = ["spearman", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]
+    with pytest.raises(SystemExit, match="model.cache_frozen_features: False vs True"):
+        driver().main(argv)
+    assert driver().main([*argv, "--differ-in", "model.cache_frozen_features"]) == 0
+    assert "allowed to differ in: model.cache_frozen_features" in out.read_text()
+    with pytest.raises(SystemExit, match="--differ-in model.cache_frozen: not a study setting"):
+        driver().main([*argv, "--differ-in", "model.cache_frozen"])
+
+    config = json.loads((tmp_path / "b" / "cosface_glyphs" / "config.json").read_text())
+    config["train"]["max_epochs"] = 80  # not named: refused
+    (tmp_path / "b" / "cosface_glyphs" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match="max_epochs: 50 vs 80"):
+        driver().main([*argv, "--differ-in", "model.cache_frozen_features"])
