@@ -498,13 +498,17 @@ def command_spearman(args) -> int:
         seed, frame = read_record(Path(run) / "comparison.json", lambda record: (
             record["seed"], pd.DataFrame(record["table"]).set_index("study")))
         tables.append((run, seed, frame))
+    if tables[0][1] == tables[1][1]:  # one seed twice (--differ-in): tell the columns apart
+        tables = [(run, f"{seed} (run {i})", frame)
+                  for i, (run, seed, frame) in enumerate(tables, 1)]
     common = sorted(set(tables[0][2].index) & set(tables[1][2].index))
     check_seeds_alike([Path(run) for run in args.runs], common, differ_in)
     a, b = (t[2].loc[common, "concatenated_map_at_r"] for t in tables)
     agree = seed_agreement(a, b)
     (_, seed_a, _), (_, seed_b, _) = tables
     lines = [
-        "# Is the ranking reproducible? Two seeds of the embedded comparison", "",
+        "# Is the ranking reproducible? Two "
+        f"{'runs' if differ_in else 'seeds'} of the embedded comparison", "",
         f"Runs: {tables[0][0]} and {tables[1][0]}; {len(common)} methods in both.", "",
         *([f"Besides the seed, the runs were allowed to differ in: {', '.join(differ_in)} "
            f"(--differ-in).", ""] if differ_in else []),

@@ -69,8 +69,8 @@ class ModelConfig:
     # whole trunk fine-tuned. small_cnn only (the embedded profile: docs/embedded.md).
     frozen_blocks: int = 0
     # Compute the frozen blocks' output once per image and train the rest of the model on it
-    # (harness/frozen_features.py): the same training up to the last bits, 1.5x faster per
-    # embedded fold. Needs frozen_blocks >= 1 and a deterministic input (data.random_crop =
+    # (harness/frozen_features.py): the same training up to the last bits, 1.38x faster for
+    # the embedded comparison. Needs frozen_blocks >= 1 and a deterministic input (data.random_crop =
     # false, a trunk without flips). false = every step runs the whole trunk on images.
     cache_frozen_features: bool = False
 

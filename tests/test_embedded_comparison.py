@@ -445,7 +445,9 @@ def test_spearman_compares_runs_that_differ_in_a_setting_it_was_told_of(tmp_path
     with pytest.raises(SystemExit, match="model.cache_frozen_features: False vs True"):
         driver().main(argv)
     assert driver().main([*argv, "--differ-in", "model.cache_frozen_features"]) == 0
-    assert "allowed to differ in: model.cache_frozen_features" in out.read_text()
+    text = out.read_text()
+    assert "allowed to differ in: model.cache_frozen_features" in text
+    assert "| seed 0 (run 1) | rank 0 (run 1) | seed 0 (run 2) | rank 0 (run 2) |" in text
     with pytest.raises(SystemExit, match="--differ-in model.cache_frozen: not a study setting"):
         driver().main([*argv, "--differ-in", "model.cache_frozen"])
 
