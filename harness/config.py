@@ -70,8 +70,9 @@ class ModelConfig:
     frozen_blocks: int = 0
     # Compute the frozen blocks' output once per image and train the rest of the model on it
     # (harness/frozen_features.py): the same training up to the last bits, 1.38x faster for
-    # the embedded comparison. Needs frozen_blocks >= 1 and a deterministic input (data.random_crop =
-    # false, a trunk without flips). false = every step runs the whole trunk on images.
+    # the embedded comparison. Needs frozen_blocks >= 1 and a deterministic input
+    # (data.random_crop = false, a trunk without flips). false = every step runs the whole
+    # trunk on images.
     cache_frozen_features: bool = False
 
 
