@@ -39,6 +39,10 @@ class FromFrozenFeatures(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        # Report the model's mode as its own: compute_embeddings puts back the mode of the
+        # module it is given, so a wrapper left in nn.Module's default (train) would switch
+        # an eval-mode model to train mode after validating it.
+        self.train(model.training)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.model.head(self.model.trunk.trainable_suffix(features))

@@ -121,3 +121,16 @@ def test_a_cache_that_would_not_hold_the_training_input_is_a_clear_error(study, 
     with pytest.raises(ConfigError, match=f"model.cache_frozen_features = true: .*{message}"):
         config(study, *overrides)
 
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_validating_on_the_cache_leaves_the_model_in_its_mode(study, data, training):
+    """As on images (compute_embeddings puts back the model's mode): the wrapper that feeds
+    the cache must not turn an eval-mode model into a training one, or the reverse."""
+    cfg = config(study)
+    model, *_ = build_fold_modules(cfg, num_classes=8, device=CPU)
+    model.train(training)
+    _, val_idx = fold_indices(data, data.split.folds[0])
+    validate(cfg, model, data, val_idx, CPU)
+    assert model.training is training and model.embedder.training is training
+    assert not model.trunk.features[0].training  # a frozen block stays in eval mode
