@@ -1,6 +1,7 @@
 """The embedded comparison: every method, the full protocol, on the glyphs; and its seed check.
 
     python benchmarks/embedded_comparison.py run --seed 0 [--methods a,b,...] [--jobs 2] [--out DIR]
+    python benchmarks/embedded_comparison.py run --seed 0 --trials 20 --grow --out DIR
     python benchmarks/embedded_comparison.py spearman results/embedded/seed_0 \
         results/embedded/seed_1 [--differ-in model.cache_frozen_features] [--out FILE]
 
@@ -17,6 +18,15 @@ succeeded. The studies of one folder must share the seed, trials and reproductio
 setting but the method (config.json) and the trunk (its tensors' hash in provenance.json, or
 the file's hash for folders written before that was recorded): a new batch that would differ (a
 changed profile, a trunk with other weights) is refused before any training.
+
+`run --grow` with a larger --trials or --reproductions takes a finished folder to that budget:
+each study resumes (MLRC's search goes on from the trials it has, and the final step is redone
+where the best trial changed; harness.run keeps the old final/ under final/superseded/). Each
+batch records the budget it ran at; the table and report cover the studies run at the folder's
+newest budget only, so a folder grown for some methods never ranks them against the others'
+smaller searches. The same budget run fresh gives the same studies (the searches' draws depend
+on the seed and the trial's number, not on the budget); the grown folder's wall time is larger,
+since the finals of changed winners ran twice.
 
 `spearman` ranks the methods of two runs by concatenated test MAP@R and writes the Spearman rank
 correlation with both tables (by default seeds.md in the first run's parent folder); the two
@@ -220,11 +230,16 @@ def read_record(path: Path, use):
                          f"move it away or give another --out") from None
 
 
+BUDGET_KEYS = ("trials", "reproductions")
+
+
 def load_record(out: Path, args) -> dict:
     """OUT/comparison.json, to extend: one seed and one budget per folder, or refuse.
 
     A folder's table mixes studies from several invocations (`--methods` in batches); they must
     share the seed, trials and reproductions, or the table would compare unlike runs silently.
+    With `--grow`, a larger budget is the folder's new one: each earlier batch keeps the budget
+    it ran at, and only studies run at the new budget enter the table (`succeeded_studies`).
     """
     path = out / "comparison.json"
     want = {"seed": args.seed, "trials": args.trials, "reproductions": args.reproductions}
@@ -241,15 +256,59 @@ def load_record(out: Path, args) -> dict:
 
     record = read_record(path, with_batches)
     have = {k: record.get(k) for k in want}
-    if have != want:
-        raise SystemExit(f"{path} holds a comparison with {have}, not {want}: give another "
-                         f"--out (or --seed/--trials/--reproductions matching it)")
-    return record
+    if have == want:
+        return record
+    if getattr(args, "grow", False) and grows(have, want):
+        for batch in record["batches"]:  # the budget each earlier batch ran at
+            for key in BUDGET_KEYS:
+                batch.setdefault(key, have[key])
+        return {**record, **want}
+    hint = (" (--grow may only raise trials and reproductions, for the same seed)"
+            if getattr(args, "grow", False) else
+            "; or add --grow to take every study of it to the larger budget (each search goes "
+            "on from its trials, and a study whose best trial changes is retested)"
+            if grows(have, want) else "")
+    raise SystemExit(f"{path} holds a comparison with {have}, not {want}: give another --out "
+                     f"(or --seed/--trials/--reproductions matching it){hint}")
+
+
+def grows(have: dict, want: dict) -> bool:
+    """`want` is `have` with a larger budget: the same seed, no fewer trials or retrainings."""
+    return (have.get("seed") == want["seed"] and have != want and all(
+        isinstance(have.get(k), int) and want[k] >= have[k] for k in BUDGET_KEYS))
+
+
+def batch_budget(record: dict, batch: dict) -> dict:
+    """The budget a batch ran at: its own, recorded since --grow, or else the folder's."""
+    return {k: batch.get(k, record.get(k)) for k in BUDGET_KEYS}
+
+
+def finished_budget(study_dir: Path) -> dict | None:
+    """The budget a study folder's last final step finished at: final/summary.json's record of
+    it, or for a summary from before that was recorded, the study's config.json (which a later
+    invocation rewrites as it starts: an interrupted growth is then taken for a finished one,
+    which mislabels its timing only, never the table: see command_run). None if unreadable."""
+    from harness.run_folder import read_json
+
+    summary = read_json(study_dir / "final" / "summary.json")
+    budget = summary.get("budget") if isinstance(summary, dict) else None
+    if isinstance(budget, dict):
+        return {k: budget.get(k) for k in BUDGET_KEYS}
+    config = read_json(study_dir / "config.json")
+    if not isinstance(config, dict):
+        return None
+    search, final = config.get("search"), config.get("final")
+    if not isinstance(search, dict) or not isinstance(final, dict):
+        return None
+    return {"trials": search.get("trials"), "reproductions": final.get("reproductions")}
 
 
 def succeeded_studies(out: Path, record: dict) -> list[str]:
-    """The folder's studies that some batch ran to the end, the oldest first."""
-    succeeded = [r["study"] for b in record["batches"] for r in b["runs"] if not r["exit"]]
+    """The folder's studies that some batch at the folder's budget ran to the end, the oldest
+    first (a study last run at a smaller budget, before --grow, is not one of them)."""
+    budget = {k: record.get(k) for k in BUDGET_KEYS}
+    succeeded = [r["study"] for b in record["batches"] if batch_budget(record, b) == budget
+                 for r in b["runs"] if not r["exit"]]
     return [s for s in dict.fromkeys(succeeded) if (out / s / "final" / "summary.json").exists()]
 
 
@@ -299,8 +358,10 @@ def command_run(args) -> int:
     # Studies an earlier invocation finished without recording them (it was interrupted before
     # its end): harness.run only checks them now, so their seconds here are not their cost.
     recorded = set(succeeded_studies(out, record))
+    budget = {k: record[k] for k in BUDGET_KEYS}
     finished_before = {s for s in studies if s not in recorded
-                       and (out / s / "final" / "summary.json").exists()}
+                       and (out / s / "final" / "summary.json").exists()
+                       and finished_budget(out / s) == budget}
     prepared = time.perf_counter()
     # one bar over the studies (each study's own output goes to OUT/<study>.log): a seed of
     # the full comparison runs for hours on a laptop
@@ -315,7 +376,8 @@ def command_run(args) -> int:
         run["finished_before"] = run["study"] in finished_before
     failed = [r["study"] for r in runs if r["exit"]]
     record["batches"].append({
-        "methods": methods, "jobs": args.jobs, "threads": args.threads, "device": args.device,
+        **budget, "methods": methods, "jobs": args.jobs, "threads": args.threads,
+        "device": args.device,
         "prepare_seconds": round(prepared - start, 1),
         "studies_wall_seconds": round(finished - prepared, 1), "runs": runs, "failed": failed,
         "cpu_count": os.cpu_count()})
@@ -338,11 +400,16 @@ def comparison_markdown(record: dict, table: pd.DataFrame, failed: list[str]) ->
     lines = [f"# Embedded comparison, seed {record['seed']}", "",
              f"{len(table)} methods, {record['trials']} trials, best trial + "
              f"{record['reproductions']} retrainings each, run in {len(batches)} batch(es):", ""]
+    budget = {k: record.get(k) for k in BUDGET_KEYS}
+    smaller = [b for b in batches if batch_budget(record, b) != budget]
     for b in batches:
+        at = batch_budget(record, b)
         lines.append(f"- {len(b['runs'])} studies ({', '.join(b['methods'])}), {b['jobs']} side "
                      f"by side with {b['threads']} torch thread(s) on {b['cpu_count']} CPU "
                      f"cores ({b.get('device') or 'cpu'}): {b['studies_wall_seconds']:.0f} s "
-                     f"wall (data + trunk preparation before: {b['prepare_seconds']:.0f} s)")
+                     f"wall (data + trunk preparation before: {b['prepare_seconds']:.0f} s)"
+                     + (f", at {at['trials']} trials and {at['reproductions']} retrainings"
+                        if smaller else ""))
         earlier = [r["study"] for r in b["runs"] if r.get("finished_before")]
         if earlier:
             lines.append(f"  - of these, {len(earlier)} ({', '.join(earlier)}) had been run to "
@@ -350,7 +417,10 @@ def comparison_markdown(record: dict, table: pd.DataFrame, failed: list[str]) ->
                          f"recorded them: this batch only checked them, so its wall time does "
                          f"not include theirs (their `provenance.json` and logs have it)")
     total = sum(b["studies_wall_seconds"] for b in batches)
-    lines.append(f"- wall time of all batches: {total:.0f} s")
+    lines.append(f"- wall time of all batches: {total:.0f} s" + (
+        f" (with {len(smaller)} batch(es) at a smaller budget: grown with --grow, which retests "
+        f"every study whose best trial changed, so more than one run at this budget would take)"
+        if smaller else ""))
     if len(table):
         stopped, folds = int(table["early_stopped"].sum()), int(table["final_folds"].sum())
         lines += [f"- final (retrained) folds ended by early stopping: {stopped} / {folds} "
@@ -547,6 +617,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--trials", type=int, default=10)
     run.add_argument("--reproductions", type=int, default=10)
     run.add_argument("--device", default="cpu")
+    run.add_argument("--grow", action="store_true",
+                     help="take a folder run at a smaller --trials/--reproductions to these "
+                          "(each study resumes: its search goes on, its final step is redone "
+                          "where the best trial changes); without it a new budget is refused")
     run.add_argument("--out", default="", help="default runs/embedded/seed_<seed> (the "
                      "committed comparison, results/embedded/, was written with --out)")
     spearman = sub.add_parser("spearman", help="rank agreement of two runs")

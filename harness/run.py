@@ -215,6 +215,8 @@ def run(args: argparse.Namespace) -> int:
         "study": cfg.name, "dataset": cfg.data.dataset, "best_trial": summary["best_trial"],
         "best_val_map_at_r": summary["best_value"], "best_params": summary["best_params"],
         "runs": sorted(int(r) for r in frame["reproduction"].unique()),
+        # the budget this final step finished: a folder grown to a larger one says which it holds
+        "budget": {"trials": cfg.search.trials, "reproductions": cfg.final.reproductions},
         "diverged_trials": summary["diverged_trials"],
         "untrained": untrained, "summary": table.to_dict(orient="records"),
         "wall_time_s_this_invocation": time.time() - started})

@@ -75,10 +75,10 @@ def test_summary_counts_early_stopped_retrained_folds_only(tmp_path):
     assert table.splitlines()[1].count("---") == len(row) and "0.6000" in table
 
 
-def run_args(seed=0, trials=10, reproductions=10):
+def run_args(seed=0, trials=10, reproductions=10, grow=False):
     import argparse
 
-    return argparse.Namespace(seed=seed, trials=trials, reproductions=reproductions)
+    return argparse.Namespace(seed=seed, trials=trials, reproductions=reproductions, grow=grow)
 
 
 def test_record_of_a_folder_written_before_batches_becomes_one_batch(tmp_path):
@@ -103,6 +103,27 @@ def test_extending_a_folder_with_another_budget_or_seed_is_refused(tmp_path, arg
     with pytest.raises(SystemExit, match="not"):
         driver().load_record(tmp_path, args)
     assert driver().load_record(tmp_path, run_args())["batches"] == []
+
+
+def test_a_larger_budget_is_refused_without_grow_and_taken_with_it(tmp_path):
+    batch = {"methods": ["a"], "runs": []}
+    (tmp_path / "comparison.json").write_text(json.dumps(
+        {"seed": 0, "trials": 10, "reproductions": 10, "batches": [batch]}))
+    with pytest.raises(SystemExit, match="add --grow"):
+        driver().load_record(tmp_path, run_args(trials=20))
+    record = driver().load_record(tmp_path, run_args(trials=20, grow=True))
+    assert (record["trials"], record["reproductions"]) == (20, 10)
+    assert record["batches"] == [{**batch, "trials": 10, "reproductions": 10}]
+
+
+@pytest.mark.parametrize("args", [run_args(trials=4, grow=True),
+                                  run_args(trials=20, reproductions=5, grow=True),
+                                  run_args(seed=1, trials=20, grow=True)])
+def test_grow_never_shrinks_a_budget_or_changes_the_seed(tmp_path, args):
+    (tmp_path / "comparison.json").write_text(json.dumps(
+        {"seed": 0, "trials": 10, "reproductions": 10, "batches": []}))
+    with pytest.raises(SystemExit, match="--grow may only raise"):
+        driver().load_record(tmp_path, args)
 
 
 @pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"seed": 0}'])
@@ -406,12 +427,10 @@ def test_studies_an_interrupted_invocation_finished_are_recorded_as_such(tmp_pat
     monkeypatch.setattr(module, "check_extends_alike", lambda *a: None)
     monkeypatch.setattr(module, "summarise", lambda out, studies: pd.DataFrame())
     monkeypatch.setattr(module.subprocess, "call", lambda *a, **k: 0)  # no report
-    (tmp_path / "cosface_glyphs" / "final").mkdir(parents=True)
-    (tmp_path / "cosface_glyphs" / "final" / "summary.json").write_text("{}")
+    finished_study(tmp_path, "cosface_glyphs", 10, in_summary=False)
 
     def fake_run_study(study, args, out):
-        (out / study / "final").mkdir(parents=True, exist_ok=True)
-        (out / study / "final" / "summary.json").write_text("{}")
+        finished_study(out, study, 10, in_summary=True)
         return {"study": study, "exit": 0, "seconds": 2.0}
 
     monkeypatch.setattr(module, "run_study", fake_run_study)
@@ -456,3 +475,60 @@ def test_spearman_compares_runs_that_differ_in_a_setting_it_was_told_of(tmp_path
     (tmp_path / "b" / "cosface_glyphs" / "config.json").write_text(json.dumps(config))
     with pytest.raises(SystemExit, match="max_epochs: 50 vs 80"):
         driver().main([*argv, "--differ-in", "model.cache_frozen_features"])
+
+
+def finished_study(out, study: str, trials: int, in_summary: bool) -> None:
+    """A study folder finished at `trials` (10 retrainings): the budget in final/summary.json,
+    or, as before it was recorded there, in config.json only."""
+    (out / study / "final").mkdir(parents=True, exist_ok=True)
+    budget = {"trials": trials, "reproductions": 10}
+    summary = {"budget": budget} if in_summary else {}
+    (out / study / "final" / "summary.json").write_text(json.dumps(summary))
+    (out / study / "config.json").write_text(json.dumps(
+        {"search": {"trials": trials}, "final": {"reproductions": 10}}))
+
+
+@pytest.mark.parametrize("in_summary", [True, False])
+def test_a_grown_folder_tables_only_the_studies_run_at_its_new_budget(tmp_path, monkeypatch,
+                                                                       in_summary):
+    """Growing some methods of a folder must not rank them against the others' smaller
+    searches, and a study this batch grows is not one 'finished before' it; one that an
+    unrecorded invocation already took to the new budget is."""
+    module = driver()
+    monkeypatch.setattr(module, "prepare_once", lambda: {"sha256": TRUNK})
+    monkeypatch.setattr(module, "check_extends_alike", lambda *a: None)
+    tabled = []
+    monkeypatch.setattr(module, "summarise",
+                        lambda out, studies: tabled.append(studies) or pd.DataFrame())
+    monkeypatch.setattr(module.subprocess, "call", lambda *a, **k: 0)  # no report
+    for study in ("cosface_glyphs", "arcface_glyphs", "triplet_glyphs"):
+        finished_study(tmp_path, study, 10, in_summary)
+    (tmp_path / "comparison.json").write_text(json.dumps(
+        {"seed": 0, "trials": 10, "reproductions": 10, "batches": [
+            {"methods": ["cosface", "arcface", "triplet"], "jobs": 2, "threads": 1,
+             "cpu_count": 2, "prepare_seconds": 1.0, "studies_wall_seconds": 30.0, "failed": [],
+             "runs": [{"study": s, "exit": 0, "seconds": 10.0} for s in
+                      ("cosface_glyphs", "arcface_glyphs", "triplet_glyphs")]}]}))
+    finished_study(tmp_path, "triplet_glyphs", 20, in_summary)  # grown, then interrupted
+
+    def fake_run_study(study, args, out):
+        finished_study(out, study, args.trials, in_summary)
+        return {"study": study, "exit": 0, "seconds": 5.0}
+
+    monkeypatch.setattr(module, "run_study", fake_run_study)
+    argv = ["run", "--methods", "cosface,triplet", "--trials", "20", "--jobs", "1",
+            "--out", str(tmp_path)]
+    with pytest.raises(SystemExit, match="add --grow"):
+        module.main(argv)
+    assert module.main(argv + ["--grow"]) == 0
+    assert tabled == [["cosface_glyphs", "triplet_glyphs"]]  # arcface is still at 10 trials
+    record = json.loads((tmp_path / "comparison.json").read_text())
+    assert (record["trials"], record["reproductions"]) == (20, 10)
+    assert [(b["trials"], b["reproductions"]) for b in record["batches"]] == [(10, 10), (20, 10)]
+    assert [(r["study"], r["finished_before"]) for r in record["batches"][1]["runs"]] == [
+        ("cosface_glyphs", False), ("triplet_glyphs", True)]
+    text = (tmp_path / "comparison.md").read_text()
+    assert "20 trials, best trial + 10 retrainings" in text
+    assert "30 s wall (data + trunk preparation before: 1 s), at 10 trials and 10 retrainings" \
+        in text
+    assert "with 1 batch(es) at a smaller budget: grown with --grow" in text
