@@ -424,7 +424,7 @@ def comparison_markdown(record: dict, table: pd.DataFrame, failed: list[str]) ->
     if len(table):
         stopped, folds = int(table["early_stopped"].sum()), int(table["final_folds"].sum())
         lines += [f"- final (retrained) folds ended by early stopping: {stopped} / {folds} "
-                  f"({stopped / folds:.0%})", "",
+                  f"({stopped / folds:.1%})", "",
                   markdown(table.sort_values("concatenated_map_at_r", ascending=False))]
     if failed:
         lines += ["", f"FAILED: {', '.join(failed)} (see OUT/<study>.log)"]

@@ -532,3 +532,12 @@ def test_a_grown_folder_tables_only_the_studies_run_at_its_new_budget(tmp_path, 
     assert "30 s wall (data + trunk preparation before: 1 s), at 10 trials and 10 retrainings" \
         in text
     assert "with 1 batch(es) at a smaller budget: grown with --grow" in text
+
+
+def test_the_early_stopped_share_is_not_rounded_up_to_a_goal():
+    """719 of 800 is 89.9%: a goal of 90% is not met, and the record must not print 90%."""
+    record = {"seed": 0, "trials": 20, "reproductions": 10, "batches": []}
+    table = pd.DataFrame([{"study": "a_glyphs", "concatenated_map_at_r": 0.3,
+                           "early_stopped": 719, "final_folds": 800}])
+    lines = driver().comparison_markdown(record, table, [])
+    assert "- final (retrained) folds ended by early stopping: 719 / 800 (89.9%)" in lines
