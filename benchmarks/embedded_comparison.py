@@ -413,9 +413,10 @@ def comparison_markdown(record: dict, table: pd.DataFrame, failed: list[str]) ->
         earlier = [r["study"] for r in b["runs"] if r.get("finished_before")]
         if earlier:
             lines.append(f"  - of these, {len(earlier)} ({', '.join(earlier)}) had been run to "
-                         f"their end by an earlier invocation that was interrupted before it "
-                         f"recorded them: this batch only checked them, so its wall time does "
-                         f"not include theirs (their `provenance.json` and logs have it)")
+                         f"their end by an earlier invocation this record does not hold (one "
+                         f"interrupted before it recorded them, or one run into a copy of the "
+                         f"folder): this batch only checked them, so its wall time does not "
+                         f"include theirs (their `provenance.json` and logs have it)")
     total = sum(b["studies_wall_seconds"] for b in batches)
     lines.append(f"- wall time of all batches: {total:.0f} s" + (
         f" (with {len(smaller)} batch(es) at a smaller budget: grown with --grow, which retests "
