@@ -24,9 +24,11 @@ each study resumes (MLRC's search goes on from the trials it has, and the final 
 where the best trial changed; harness.run keeps the old final/ under final/superseded/). Each
 batch records the budget it ran at; the table and report cover the studies run at the folder's
 newest budget only, so a folder grown for some methods never ranks them against the others'
-smaller searches. The same budget run fresh gives the same studies (the searches' draws depend
-on the seed and the trial's number, not on the budget); the grown folder's wall time is larger,
-since the finals of changed winners ran twice.
+smaller searches. A grown folder is NOT the same as one run at the larger budget from the start:
+the resumed GP search starts its kernel fit afresh in the new process (Optuna's GPSampler warm
+starts each fit from the previous one in the same process), so its new trials differ from an
+uninterrupted run's (measured: docs/embedded.md); and its wall time is larger, since the finals
+of changed winners ran twice.
 
 `spearman` ranks the methods of two runs by concatenated test MAP@R and writes the Spearman rank
 correlation with both tables (by default seeds.md in the first run's parent folder); the two
