@@ -421,9 +421,8 @@ def comparison_markdown(record: dict, table: pd.DataFrame, failed: list[str]) ->
                          f"include theirs (their `provenance.json` and logs have it)")
     total = sum(b["studies_wall_seconds"] for b in batches)
     lines.append(f"- wall time of all batches: {total:.0f} s" + (
-        f" (with {len(smaller)} batch(es) at a smaller budget: grown with --grow, which retests "
-        f"every study whose best trial changed, so more than one run at this budget would take)"
-        if smaller else ""))
+        f" (with {len(smaller)} batch(es) at a smaller budget: the folder was grown with --grow, "
+        f"so this is not the time of one run at its budget)" if smaller else ""))
     if len(table):
         stopped, folds = int(table["early_stopped"].sum()), int(table["final_folds"].sum())
         lines += [f"- final (retrained) folds ended by early stopping: {stopped} / {folds} "

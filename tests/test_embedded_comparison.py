@@ -531,7 +531,8 @@ def test_a_grown_folder_tables_only_the_studies_run_at_its_new_budget(tmp_path, 
     assert "20 trials, best trial + 10 retrainings" in text
     assert "30 s wall (data + trunk preparation before: 1 s), at 10 trials and 10 retrainings" \
         in text
-    assert "with 1 batch(es) at a smaller budget: grown with --grow" in text
+    assert "with 1 batch(es) at a smaller budget: the folder was grown with --grow, so this " \
+        "is not the time of one run at its budget" in text
 
 
 def test_the_early_stopped_share_is_not_rounded_up_to_a_goal():
