@@ -280,6 +280,11 @@ def grows(have: dict, want: dict) -> bool:
         isinstance(have.get(k), int) and want[k] >= have[k] for k in BUDGET_KEYS))
 
 
+def folder_budget(record: dict) -> dict:
+    """The folder's budget: what its table covers and what a new batch runs at."""
+    return {k: record.get(k) for k in BUDGET_KEYS}
+
+
 def batch_budget(record: dict, batch: dict) -> dict:
     """The budget a batch ran at: its own, recorded since --grow, or else the folder's."""
     return {k: batch.get(k, record.get(k)) for k in BUDGET_KEYS}
@@ -299,16 +304,14 @@ def finished_budget(study_dir: Path) -> dict | None:
     config = read_json(study_dir / "config.json")
     if not isinstance(config, dict):
         return None
-    search, final = config.get("search"), config.get("final")
-    if not isinstance(search, dict) or not isinstance(final, dict):
-        return None
-    return {"trials": search.get("trials"), "reproductions": final.get("reproductions")}
+    flat = flat_config(config)
+    return {"trials": flat.get("search.trials"), "reproductions": flat.get("final.reproductions")}
 
 
 def succeeded_studies(out: Path, record: dict) -> list[str]:
     """The folder's studies that some batch at the folder's budget ran to the end, the oldest
     first (a study last run at a smaller budget, before --grow, is not one of them)."""
-    budget = {k: record.get(k) for k in BUDGET_KEYS}
+    budget = folder_budget(record)
     succeeded = [r["study"] for b in record["batches"] if batch_budget(record, b) == budget
                  for r in b["runs"] if not r["exit"]]
     return [s for s in dict.fromkeys(succeeded) if (out / s / "final" / "summary.json").exists()]
@@ -357,10 +360,11 @@ def command_run(args) -> int:
     start = time.perf_counter()
     trunk = prepare_once()
     check_extends_alike(out, record, studies, args, trunk)
-    # Studies an earlier invocation finished without recording them (it was interrupted before
-    # its end): harness.run only checks them now, so their seconds here are not their cost.
+    # Studies an earlier invocation finished at this budget without recording them here (it was
+    # interrupted before its end, or ran into a copy of the folder): harness.run only checks
+    # them now, so their seconds here are not their cost.
     recorded = set(succeeded_studies(out, record))
-    budget = {k: record[k] for k in BUDGET_KEYS}
+    budget = folder_budget(record)
     finished_before = {s for s in studies if s not in recorded
                        and (out / s / "final" / "summary.json").exists()
                        and finished_budget(out / s) == budget}
@@ -402,7 +406,7 @@ def comparison_markdown(record: dict, table: pd.DataFrame, failed: list[str]) ->
     lines = [f"# Embedded comparison, seed {record['seed']}", "",
              f"{len(table)} methods, {record['trials']} trials, best trial + "
              f"{record['reproductions']} retrainings each, run in {len(batches)} batch(es):", ""]
-    budget = {k: record.get(k) for k in BUDGET_KEYS}
+    budget = folder_budget(record)
     smaller = [b for b in batches if batch_budget(record, b) != budget]
     for b in batches:
         at = batch_budget(record, b)
