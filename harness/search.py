@@ -43,6 +43,7 @@ from optuna.trial import TrialState
 from harness.config import StudyConfig, get_value, set_value
 from harness.data import PreparedData, dataset_defaults
 from harness.errors import ConfigError
+from harness.gp_warm_start import GPWarmStart
 from harness.progress import bar
 from harness.seeds import SEARCH_STAGE, hash_seed, trial_fold_seed
 from harness.run_folder import claim_fold_dir, fingerprint, write_json_atomic
@@ -174,18 +175,24 @@ def make_sampler(cfg: StudyConfig, space: dict[str, SearchParam]) -> optuna.samp
 
 
 class TrialSeededSampler(optuna.samplers.BaseSampler):
-    """Wraps a sampler so that trial N's random draws come from a RandomState seeded with
-    (seed, N). Optuna seeds a sampler once per process: every worker process (and every rerun
-    after an interrupt) would otherwise start from the same state and draw the same
-    configurations. Optuna has no public per-trial seeding, so this reseeds the wrapped
-    samplers' `_rng` (LazyRandomState); tests/test_search_sampler.py pins that it works."""
+    """Wraps a sampler so that the random draws of the search's N-th new trial (its
+    `search_ordinal`) come from a RandomState seeded with (seed, N). Optuna seeds a sampler once
+    per process: every worker process (and every rerun after an interrupt) would otherwise start
+    from the same state and draw the same configurations. Optuna has no public per-trial
+    seeding, so this reseeds the wrapped samplers' `_rng` (LazyRandomState);
+    tests/test_protocol_faults.py and tests/test_search_resume.py pin that it works."""
 
     def __init__(self, inner: optuna.samplers.BaseSampler, seed: int):
         self.inner = inner
         self.seed = seed
+        self.ordinals: dict[int, int] = {}  # trial number -> search_ordinal
+
+    def ordinal(self, trial) -> int:
+        return self.ordinals.get(trial.number, trial.number)
 
     def before_trial(self, study, trial) -> None:
-        _reseed(self.inner, hash_seed(self.seed, SEARCH_STAGE, 7, trial.number))
+        self.ordinals[trial.number] = ordinal = search_ordinal(study, trial.number)
+        _reseed(self.inner, hash_seed(self.seed, SEARCH_STAGE, 7, ordinal))
         self.inner.before_trial(study, trial)
 
     def infer_relative_search_space(self, study, trial):
@@ -205,9 +212,9 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
 
 
 class SobolThenGPSampler(TrialSeededSampler):
-    """Trials numbered below `n_startup` take the next point of one scrambled Sobol sequence
-    (QMCSampler, seeded with the study seed so that every worker walks the same sequence;
-    Optuna hands out its indices through the storage), later trials the GP's proposal.
+    """The first `n_startup` new trials (search_ordinal) take the next point of one scrambled
+    Sobol sequence (QMCSampler, seeded with the study seed so that every worker walks the same
+    sequence; Optuna hands out its indices through the storage), later ones the GP's proposal.
     GPSampler alone would draw its start uniformly at random, not from a Sobol sequence."""
 
     def __init__(self, seed: int, n_startup: int, distributions: dict):
@@ -220,19 +227,23 @@ class SobolThenGPSampler(TrialSeededSampler):
         # QMCSampler learns the space from a finished trial, so its trial 0 would be random;
         # the harness knows the space up front.
         self.distributions = distributions
-
-    def _phase(self, trial) -> optuna.samplers.BaseSampler:
-        return self.sobol if trial.number < self.n_startup else self.inner
+        # The GP's warm start from the study's storage: a resumed search continues exactly.
+        self.warm_start = GPWarmStart(gp)
 
     def infer_relative_search_space(self, study, trial):
-        if trial.number < self.n_startup:
+        if self.ordinal(trial) < self.n_startup:
             return dict(self.distributions)
         return self.inner.infer_relative_search_space(study, trial)
 
     def sample_relative(self, study, trial, search_space):
-        with warnings.catch_warnings():  # scipy: Sobol balance needs 2^k points (Ax: same)
-            warnings.simplefilter("ignore", UserWarning)
-            return self._phase(trial).sample_relative(study, trial, search_space)
+        if self.ordinal(trial) < self.n_startup:
+            with warnings.catch_warnings():  # scipy: Sobol balance needs 2^k points (Ax: same)
+                warnings.simplefilter("ignore", UserWarning)
+                return self.sobol.sample_relative(study, trial, search_space)
+        self.warm_start.before_fit(study, trial, search_space)
+        params = self.inner.sample_relative(study, trial, search_space)
+        self.warm_start.after_fit(proposed=bool(params))
+        return params
 
 
 def _reseed(sampler, seed: int) -> None:
@@ -292,6 +303,20 @@ def open_study(cfg: StudyConfig, storage_url: str, val_every_epochs: int = 1) ->
 # --------------------------------------------------------------------------------------------
 # Objective
 # --------------------------------------------------------------------------------------------
+def search_ordinal(study: optuna.Study, number: int) -> int:
+    """The place of new trial `number` in the search: how many new trials (not retries of an
+    interrupted one) the study holds before it. Its sampler draws, its phase (Sobol or GP) and
+    its fold seeds follow it, not Optuna's trial number: a retry takes the next number, so after
+    an interrupt the numbers of later trials move on by one, while their ordinals (and so their
+    configurations and results) stay those of the uninterrupted search. In a search never
+    interrupted the two are equal. Never below 1 + a seed number already used, so that folders
+    of older harness versions (which used the number) keep their trial folders apart."""
+    earlier = [t for t in study.get_trials(deepcopy=False) if t.number < number]
+    new = [t for t in earlier if RetryStaleTrial.retried_trial_number(t) is None]
+    used = [t.user_attrs["seed_number"] for t in earlier if "seed_number" in t.user_attrs]
+    return max(len(new), 1 + max(used, default=-1))
+
+
 def fold_seed(cfg: StudyConfig, trial_number: int, fold: int) -> int:
     return trial_fold_seed(cfg.seed, trial_number, fold)
 
@@ -318,7 +343,7 @@ def make_objective(cfg: StudyConfig, data: PreparedData, output: Path, device, s
         original = _original_trial(trial.study, trial)
         # A retried trial keeps the seed and the folds its killed predecessor finished.
         seed_number = original.user_attrs.get("seed_number", original.number) if original else \
-            trial.number
+            search_ordinal(trial.study, trial.number)
         trial.set_user_attr("seed_number", seed_number)
         done = dict(original.user_attrs.get("fold_results", {})) if original else {}
         run_dir = output / "trials" / f"trial_{seed_number:04d}"
@@ -507,8 +532,10 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
         raise ConfigError(f"study {study.study_name!r}: every complete trial diverged (loss "
                           f"not finite; scored 0 as in MLRC), so there is no configuration to "
                           f"retrain; check the search space and learning rates")
-    # Ties: the earliest trial (max keeps the first maximum).
-    return max(sorted(finite, key=lambda t: t.number), key=lambda t: t.value)
+    # Ties: the earliest in the search (max keeps the first maximum); a retry takes the place
+    # of the trial it retries.
+    return max(sorted(finite, key=lambda t: (t.user_attrs.get("seed_number", t.number),
+                                             t.number)), key=lambda t: t.value)
 
 
 def write_search_summary(study: optuna.Study, path: Path) -> dict:
