@@ -215,24 +215,47 @@ def test_every_class_once_per_pass():
         assert len(counts) == 75 and set(counts.values()) == {4}
 
 
+def _pml_list(labels, seed: int, k: int, list_length: int = MLRC_LIST_LENGTH) -> list[int]:
+    """List k as pml's MPerClassSampler(labels, m=4) draws it whole from list k's NumPy state."""
+    pml = MPerClassSampler(labels, 4, length_before_new_iter=list_length)
+    pml.labels = sorted(pml.labels)
+    saved = pml_common.NUMPY_RANDOM
+    pml_common.NUMPY_RANDOM = np.random.RandomState(
+        np.random.SeedSequence([seed, k]).generate_state(1)[0])
+    try:
+        return [int(i) for i in iter(pml)]
+    finally:
+        pml_common.NUMPY_RANDOM = saved
+
+
 def test_lists_are_pml_mperclasssampler_lists():
     """The stream is pml's own MPerClassSampler(labels, m=4) without batch_size and with its
     default list length, as MLRC built it: each list equal to what pml returns from the same
     NumPy state."""
     labels = _labels(num_classes=20, per_class=7)
     ours = MLRCPassSampler(labels, m=4, batch_size=32, batches_per_epoch=10, seed=5)
-    pml = MPerClassSampler(labels, 4)
-    assert len(pml) == MLRC_LIST_LENGTH - MLRC_LIST_LENGTH % 80 == len(ours.pml)
+    assert len(MPerClassSampler(labels, 4)) == MLRC_LIST_LENGTH - MLRC_LIST_LENGTH % 80 == \
+        len(ours.pml)
     for k in (0, 1):
-        pml.labels = sorted(pml.labels)
-        saved = pml_common.NUMPY_RANDOM
-        pml_common.NUMPY_RANDOM = np.random.RandomState(
-            np.random.SeedSequence([5, k]).generate_state(1)[0])
-        try:
-            expected = list(iter(pml))
-        finally:
-            pml_common.NUMPY_RANDOM = saved
-        assert ours.sampler_list(k) == [int(i) for i in expected]
+        assert ours.sampler_list(k) == _pml_list(labels, 5, k)
+
+
+# per_class 3: classes with fewer than m images (drawn with replacement); list_length 100: one
+# pass (120 indices) longer than the list, which pml truncates to one pass
+@pytest.mark.parametrize("per_class, list_length", [(3, MLRC_LIST_LENGTH), (7, 1000), (6, 100)])
+def test_batches_drawn_pass_by_pass_are_those_of_pmls_whole_list(per_class, list_length):
+    labels = _labels(num_classes=30, per_class=per_class)
+    ours = MLRCPassSampler(labels, m=4, batch_size=32, batches_per_epoch=2, seed=7,
+                           list_length=list_length)
+    per_list = ours.batches_per_list * 32  # DataLoader drop_last per list
+    stream = []
+    for epoch in range(1, 9):
+        ours.set_epoch(epoch)
+        stream += list(ours)  # draws only the passes these batches need
+    lists = range(len(stream) // per_list + 1)
+    whole = [i for k in lists for i in _pml_list(labels, 7, k, list_length)[:per_list]]
+    assert stream == whole[:len(stream)]
+    assert ours.sampler_list(0) == _pml_list(labels, 7, 0, list_length)
 
 
 def test_epochs_continue_the_stream_and_resume_exactly():
