@@ -12,6 +12,7 @@ import optuna
 import pytest
 
 from harness import search as search_mod
+from harness import train as train_mod
 from harness.gp_warm_start import GPWarmStart, gp_proposed
 from harness.run import main
 from harness.search import SobolThenGPSampler, requeue_interrupted, search_ordinal
@@ -132,11 +133,13 @@ def test_search_ordinal_counts_new_trials_and_never_reuses_a_seed_number():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("where", ["between_folds", "mid_fold"])
 def test_a_run_interrupted_mid_trial_ends_as_the_uninterrupted_run(tmp_path, glyph_root,
-                                                                   monkeypatch):
-    """harness.run end to end (tiny glyph study: one Sobol trial, then the GP): Ctrl-C in the
-    third trial's second fold, then the same command again, gives the uninterrupted search's
-    trials, values, seeds and trial folders."""
+                                                                   monkeypatch, where):
+    """harness.run end to end (tiny glyph study: one Sobol trial, then the GP; 4 folds of 2
+    epochs, validated after each): Ctrl-C in the third trial, before its second fold or in that
+    fold's second epoch (resumed from its epoch-1 checkpoint), then the same command again,
+    gives the uninterrupted search's trials, values, seeds and trial folders."""
     monkeypatch.setenv("HARNESS_NO_PROGRESS", "1")
     study = write_study(tmp_path, glyph_root)
 
@@ -145,17 +148,21 @@ def test_a_run_interrupted_mid_trial_ends_as_the_uninterrupted_run(tmp_path, gly
                      "--stage", "search", "--trials", "4"])
 
     assert run(tmp_path / "once") == 0
-    real, calls = search_mod.train_fold, []
+    module, name, at = (search_mod, "train_fold", 4 * 2 + 2) if where == "between_folds" else \
+        (train_mod, "validate", 2 * (4 * 2 + 2))
+    real, calls = getattr(module, name), []
 
-    def interrupted_at_trial_2_fold_1(*args, **kwargs):
+    def interrupted(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 4 * 2 + 2:
+        if len(calls) == at:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(search_mod, "train_fold", interrupted_at_trial_2_fold_1)
+    monkeypatch.setattr(module, name, interrupted)
     assert run(tmp_path / "twice") == 130
-    monkeypatch.setattr(search_mod, "train_fold", real)
+    if where == "mid_fold":
+        assert (tmp_path / "twice" / "trials" / "trial_0002" / "fold_1" / "last.pt").exists()
+    monkeypatch.setattr(module, name, real)
     assert run(tmp_path / "twice") == 0
 
     def trials(out):
