@@ -85,13 +85,19 @@ class TrainBatches:
     def __init__(self, features: torch.Tensor, indices: np.ndarray, labels: np.ndarray,
                  sampler: torch.utils.data.Sampler, batch_size: int):
         self.features, self.indices = features, np.asarray(indices, dtype=np.int64)
-        self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
-        self.batches = torch.utils.data.BatchSampler(sampler, batch_size, drop_last=True)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.sampler, self.batch_size = sampler, batch_size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for positions in self.batches:
-            rows = torch.as_tensor(self.indices[positions], device=self.features.device)
-            yield self.features[rows], self.labels[positions]
+        # The epoch's positions at once, then cut into batches (BatchSampler with drop_last, as
+        # the image DataLoader): per batch, one slice instead of converting a list of indices.
+        positions = np.fromiter(iter(self.sampler), dtype=np.int64)
+        positions = positions[: len(positions) // self.batch_size * self.batch_size]
+        rows = torch.as_tensor(self.indices[positions], device=self.features.device)
+        labels = torch.as_tensor(self.labels[positions])
+        for start in range(0, len(positions), self.batch_size):
+            end = start + self.batch_size
+            yield self.features[rows[start:end]], labels[start:end]
 
 
 def eval_batches(features: torch.Tensor, indices: np.ndarray, labels: np.ndarray,
