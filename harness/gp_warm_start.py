@@ -21,7 +21,7 @@ in-memory chain depended on timing; the canonical chain is one deterministic cho
 Why not Optuna: it has no public hook for the warm start; this reuses its own fitting function
 (`optuna._gp.gp.fit_kernel_params`) with the sampler's prior and noise floor, and the same
 normalisation and standardisation as `GPSampler._sample_relative_impl` (Optuna 5.x), which
-tests/test_gp_warm_start.py checks against an uninterrupted search.
+tests/test_search_resume.py checks against uninterrupted searches.
 """
 
 from __future__ import annotations

@@ -95,7 +95,7 @@ class MLRCPassSampler(torch.utils.data.Sampler):
         if self.batches_per_list < 1:
             raise ConfigError(f"a sampler list of {len(self.pml)} samples is shorter than one "
                               f"batch ({batch_size})")
-        # pml's sampler set to one pass of all classes: list_prefix draws a list pass by pass
+        # pml's sampler set to one pass of all classes: _drawn draws a list pass by pass
         self.one_pass = MPerClassSampler(labels, m, batch_size=None,
                                          length_before_new_iter=self.pml.length_of_single_pass)
         self.seed = seed
