@@ -24,10 +24,10 @@ each study resumes (MLRC's search goes on from the trials it has, and the final 
 where the best trial changed; harness.run keeps the old final/ under final/superseded/). Each
 batch records the budget it ran at; the table and report cover the studies run at the folder's
 newest budget only, so a folder grown for some methods never ranks them against the others'
-smaller searches. A grown folder is NOT the same as one run at the larger budget from the start:
-the resumed GP search starts its kernel fit afresh in the new process (Optuna's GPSampler warm
-starts each fit from the previous one in the same process), so its new trials differ from an
-uninterrupted run's (measured: docs/embedded.md); and its wall time is larger, since the finals
+smaller searches. A grown folder holds the same trials and final results as one run at the
+larger budget from the start (the resumed search replays the GP's warm start from the study's
+storage: harness/gp_warm_start.py; folders grown before commit a232fa9 do not, and differ from
+the first trial the grown run proposed on); only its wall time is larger, since the finals
 of changed winners ran twice.
 
 `spearman` ranks the methods of two runs by concatenated test MAP@R and writes the Spearman rank
