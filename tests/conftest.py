@@ -29,6 +29,11 @@ from harness.datasets.base import Records
 
 REPO = Path(__file__).resolve().parent.parent
 
+# The tests' folds last fractions of a second: without this they would never reach the
+# 30 seconds after which a fold writes its resume checkpoint (harness.train.CHECKPOINT_SECONDS),
+# and the resume tests would test nothing. tests/test_checkpoint_interval.py runs the default.
+os.environ.setdefault("HARNESS_CHECKPOINT_SECONDS", "0")
+
 
 def benchmark_script(name: str):
     """benchmarks/NAME.py loaded as a module (benchmarks/ is not a package), registered under
