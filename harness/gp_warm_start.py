@@ -34,6 +34,8 @@ import optuna
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from harness.storage import RetryStaleTrial
+
 # Optuna's GPSampler marks the trials it proposed (the params it shares with other processes).
 GP_PROPOSED_KEY = "gp:relative_params"
 _ROOT_KEY = b"gp-warm-start-v1"
@@ -42,7 +44,7 @@ _ROOT_KEY = b"gp-warm-start-v1"
 def gp_proposed(trial: FrozenTrial) -> bool:
     """Did the GP (not the Sobol phase) fit and propose this trial? A retry of an interrupted
     trial copies its system attributes, the GP's mark included, but reuses its parameters."""
-    return "failed_trial" not in trial.system_attrs and \
+    return RetryStaleTrial.retried_trial_number(trial) is None and \
         any(key.startswith(GP_PROPOSED_KEY) for key in trial.system_attrs)
 
 
@@ -66,17 +68,17 @@ class GPWarmStart:
         trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         proposed = [t for t in trials if t.number < trial.number and gp_proposed(t)]
+        fit_sets = [[t for t in complete if t.number < u.number] for u in proposed]
         keys, key = [], _ROOT_KEY
-        for u in proposed:
-            key = _fit_key(key, [t for t in complete if t.number < u.number])
+        for fit_set in fit_sets:
+            key = _fit_key(key, fit_set)
             keys.append(key)
         start = len(keys)  # the chain's fits from `start` on are not in memory
         while start > 0 and not (self.known and self.known[0] == keys[start - 1]):
             start -= 1
         cache = self.known[1] if start > 0 else None
-        for u, key in zip(proposed[start:], keys[start:]):
-            cache = self._fit([t for t in complete if t.number < u.number], study, search_space,
-                              cache)
+        for fit_set, key in zip(fit_sets[start:], keys[start:]):
+            cache = self._fit(fit_set, study, search_space, cache)
             self.replayed += 1
             self.known = (key, cache)
         self.gp._gprs_cache_list = cache

@@ -291,11 +291,14 @@ def train_fold(cfg: StudyConfig, data: PreparedData, fold: Fold, device: torch.d
     loader, sampler, step_model, to_input = fold_batches(cfg, model, data, train_idx, seed,
                                                          device, amp)
     every, written = checkpoint_seconds(), time.monotonic()
-    unsaved_best: list[dict] = []  # the best model since best.pt was last written
+    unsaved_best: dict | None = None  # the best model since best.pt was last written
 
     def write_best() -> None:
-        if unsaved_best:
-            _atomic_save(unsaved_best.pop(), best_path)
+        nonlocal unsaved_best
+        if unsaved_best is not None:
+            _atomic_save(unsaved_best, best_path)
+            unsaved_best = None
+
     # Labels arrive as data-set class ids; losses want 0..C-1 for this fold's train classes.
     label_map = torch.as_tensor(classes)
     stop_reason = "max_epochs"
@@ -337,9 +340,9 @@ def train_fold(cfg: StudyConfig, data: PreparedData, fold: Fold, device: torch.d
                                  "loss": float(loss.detach()), **metrics})
         if metrics["map_at_r"] > state["best_map"]:
             state.update(best_map=metrics["map_at_r"], best_epoch=epoch, best_metrics=metrics)
-            unsaved_best[:] = [copy.deepcopy({"model": model.state_dict(),
-                                              "loss": loss_fn.state_dict(),
-                                              "epoch": epoch, "metrics": metrics})]
+            unsaved_best = copy.deepcopy({"model": model.state_dict(),
+                                          "loss": loss_fn.state_dict(),
+                                          "epoch": epoch, "metrics": metrics})
         epochs.set_postfix(loss=f"{float(loss.detach()):.3f}",
                            map_at_r=f"{metrics['map_at_r']:.4f}",
                            best=f"{state['best_map']:.4f}")
