@@ -1,0 +1,121 @@
+"""benchmarks/seed_replication.py: the seeds' noise, and the Spearman a model of it leaves."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import benchmark_script
+from scipy import stats
+
+
+def script():
+    return benchmark_script("seed_replication")
+
+
+def write_seed(folder, seed: int, scores: dict[str, float], ci95: float = 0.002,
+               runs: int = 11) -> None:
+    folder.mkdir()
+    table = [{"study": f"{m}_glyphs", "concatenated_map_at_r": v, "ci95": ci95, "runs": runs}
+             for m, v in scores.items()]
+    (folder / "comparison.json").write_text(json.dumps({"seed": seed, "table": table}))
+
+
+def test_rank_correlations_are_spearmans_rho_row_by_row():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(5, 12)), rng.normal(size=(5, 12))
+    expected = [stats.spearmanr(a, b).statistic for a, b in zip(x, y)]
+    assert script().rank_correlations(x, y) == pytest.approx(expected)
+
+
+def test_noise_components_follow_their_formulas():
+    scores = pd.DataFrame({0: [0.50, 0.40, 0.30, 0.20], 1: [0.52, 0.40, 0.29, 0.21]})
+    ci95 = pd.DataFrame({0: [0.004] * 4, 1: [0.002] * 4})
+    runs = pd.DataFrame({0: [11] * 4, 1: [11] * 4})
+    noise = script().noise_components(scores, ci95, runs)
+    between = np.mean([0.02 ** 2 / 2, 0.0, 0.01 ** 2 / 2, 0.01 ** 2 / 2])
+    t = stats.t.ppf(0.975, 10)
+    retraining = ((0.004 / t) ** 2 + (0.002 / t) ** 2) / 2
+    means = scores.mean(axis=1)
+    assert noise["between"] == pytest.approx(math.sqrt(between))
+    assert noise["retraining"] == pytest.approx(math.sqrt(retraining))
+    assert noise["search"] == pytest.approx(math.sqrt(between - retraining))
+    assert noise["spread"] == pytest.approx(math.sqrt(means.var(ddof=1) - between / 2))
+
+
+def test_true_scores_keep_the_order_and_take_the_spread():
+    scores = pd.DataFrame({0: [0.5, 0.3, 0.45, 0.1], 1: [0.52, 0.31, 0.40, 0.12]})
+    true = script().true_scores(scores, 0.05)
+    assert list(np.argsort(true)) == list(np.argsort(scores.mean(axis=1).to_numpy()))
+    assert true.std(ddof=1) == pytest.approx(0.05)
+    assert true.mean() == pytest.approx(scores.to_numpy().mean())
+
+
+def test_residuals_have_the_seeds_variance():
+    """Deviations from a 2-seed mean are half the difference; scaled by sqrt(2) their mean
+    square is the pooled between-seed variance."""
+    scores = pd.DataFrame({0: [0.5, 0.3, 0.2], 1: [0.52, 0.29, 0.2]})
+    pool = script().residuals(scores)
+    assert np.mean(pool ** 2) == pytest.approx(scores.var(axis=1, ddof=1).mean())
+
+
+def test_simulated_agreement_is_perfect_without_noise_and_absent_without_spread():
+    rs = script()
+    true = np.linspace(0.3, 0.4, 20)
+    assert (rs.simulated_rhos(true, 0.0, 500, 0) == 1).all()
+    flat = rs.simulated_rhos(np.full(20, 0.35), 0.005, 4000, 0)
+    assert abs(flat.mean()) < 0.03
+    pool = np.array([0.004, -0.001, 0.02])
+    assert abs(rs.simulated_rhos(np.full(20, 0.35), 0.005, 4000, 0, pool).mean()) < 0.03
+
+
+def test_more_noise_leaves_less_agreement():
+    rs = script()
+    true = np.linspace(0.3, 0.4, 20)
+    means = [rs.simulated_rhos(true, s, 2000, 0).mean() for s in (0.002, 0.006, 0.02)]
+    assert means[0] > means[1] > means[2]
+
+
+def test_noise_needed_is_the_largest_that_reaches_the_goal():
+    rs = script()
+    true = np.linspace(0.3, 0.4, 20)
+    needed = rs.noise_needed(true, 0.02, 0.8, 2000, 0)
+    assert 0 < needed < 0.02
+    assert (rs.simulated_rhos(true, needed, 2000, 0) >= 0.8).mean() >= rs.ENOUGH
+    above = needed + 0.02 / 40
+    assert (rs.simulated_rhos(true, above, 2000, 0) >= 0.8).mean() < rs.ENOUGH
+    assert rs.noise_needed(np.full(20, 0.35), 0.02, 0.8, 500, 0) == 0.0
+
+
+def test_report_of_three_seeds_compares_every_pair(tmp_path):
+    methods = [f"m{i}" for i in range(8)]
+    base = dict(zip(methods, np.linspace(0.40, 0.30, 8)))
+    write_seed(tmp_path / "s0", 0, base)
+    write_seed(tmp_path / "s1", 1, {m: v + (0.03 if m == "m7" else 0.0) for m, v in base.items()})
+    write_seed(tmp_path / "s2", 2, {m: v - 0.001 for m, v in base.items()})
+    assert script().main([str(tmp_path / s) for s in ("s0", "s1", "s2")] + ["--sims", "200"]) == 0
+    text = (tmp_path / "replication.md").read_text()  # beside the first run by default
+    assert "seeds 0, 1, 2" in text and "8 methods in all" in text
+    for pair in ("0 vs 1", "0 vs 2", "1 vs 2"):
+        assert f"| {pair} |" in text
+    assert "| 0 vs 2 | 1.0" in text  # the same order
+    assert "| m7 |" in text  # method names, not study folders
+
+
+def test_bad_inputs_are_clear_refusals(tmp_path):
+    rs = script()
+    write_seed(tmp_path / "s0", 0, {"a": 0.3, "b": 0.2, "c": 0.1})
+    write_seed(tmp_path / "again", 0, {"a": 0.3, "b": 0.2, "c": 0.1})
+    write_seed(tmp_path / "two", 1, {"a": 0.3, "b": 0.2})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="seed 0 again"):
+        rs.main([str(tmp_path / "s0"), str(tmp_path / "again")])
+    with pytest.raises(SystemExit, match="empty/comparison.json is not a comparison record"):
+        rs.main([str(tmp_path / "s0"), str(tmp_path / "empty")])
+    with pytest.raises(SystemExit, match="2 methods common to the runs"):
+        rs.main([str(tmp_path / "s0"), str(tmp_path / "two")])
+    with pytest.raises(SystemExit):  # argparse: one folder is no replication
+        rs.main([str(tmp_path / "s0")])
