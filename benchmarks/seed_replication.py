@@ -91,10 +91,8 @@ def noise_components(scores: pd.DataFrame, ci95: pd.DataFrame | None,
         t = stats.t.ppf(0.975, runs.to_numpy(float) - 1)
         retraining = float(np.mean((ci95.to_numpy(float) / t) ** 2))
     spread = float(scores.mean(axis=1).var(ddof=1)) - between / n_seeds
-    return {"between": math.sqrt(between),
-            "retraining": math.sqrt(retraining) if retraining == retraining else math.nan,
-            "search": math.sqrt(max(between - retraining, 0.0))
-            if retraining == retraining else math.nan,
+    search = math.nan if math.isnan(retraining) else math.sqrt(max(between - retraining, 0.0))
+    return {"between": math.sqrt(between), "retraining": math.sqrt(retraining), "search": search,
             "spread": math.sqrt(max(spread, 0.0))}
 
 
@@ -160,7 +158,7 @@ def noise_needed(true: np.ndarray, sigma: float, goal: float, sims: int, seed: i
 def search_needed(noise: dict[str, float], needed: float) -> str:
     """What `needed` (a between-seed sd) asks of the search, the retrainings' part unchanged."""
     left = needed ** 2 - noise["retraining"] ** 2
-    if not noise["search"] > 0 or left != left:
+    if math.isnan(left) or not noise["search"] > 0:
         return ""
     if left <= 0:
         return ("The retrainings alone leave more noise than that: more retrainings, not only a "
@@ -193,6 +191,10 @@ def per_method(scores: pd.DataFrame) -> pd.DataFrame:
     return table.sort_values("mean", ascending=False)
 
 
+def sd(value: float) -> str:
+    return "not recorded (no ci95 and runs in the tables)" if math.isnan(value) else f"{value:.4f}"
+
+
 def report(runs: list[Path], goal: float, sims: int) -> str:
     tables = seed_tables(runs)
     scores = score_frame(tables, "concatenated_map_at_r")
@@ -220,10 +222,10 @@ def report(runs: list[Path], goal: float, sims: int) -> str:
         markdown(per_method(scores), index=True), "",
         "## The noise (standard deviations, MAP@R)", "",
         f"- between seeds, a method's score: **{sigma:.4f}** (pooled over methods)",
-        f"- of which the retrainings explain: {noise['retraining']:.4f} (a seed's mean over "
+        f"- of which the retrainings explain: {sd(noise['retraining'])} (a seed's mean over "
         "its runs, from its 95% half-width)",
         f"- the rest, the search's (which trials each seed tried and kept): "
-        f"**{noise['search']:.4f}**",
+        f"**{sd(noise['search'])}**",
         f"- the methods' true scores spread by: {noise['spread']:.4f}", "",
         f"## What that noise leaves: Spearman between two simulated seeds ({sims} pairs)", "",
         "The methods' true scores are their mean scores shrunk to the spread above; each seed "

@@ -119,3 +119,15 @@ def test_bad_inputs_are_clear_refusals(tmp_path):
         rs.main([str(tmp_path / "s0"), str(tmp_path / "two")])
     with pytest.raises(SystemExit):  # argparse: one folder is no replication
         rs.main([str(tmp_path / "s0")])
+
+
+def test_tables_without_intervals_leave_the_split_unrecorded(tmp_path):
+    for seed in (0, 1):
+        folder = tmp_path / f"s{seed}"
+        folder.mkdir()
+        table = [{"study": m, "concatenated_map_at_r": v + seed * 0.001}
+                 for m, v in {"a": 0.3, "b": 0.2, "c": 0.1}.items()]
+        (folder / "comparison.json").write_text(json.dumps({"seed": seed, "table": table}))
+    assert script().main([str(tmp_path / "s0"), str(tmp_path / "s1"), "--sims", "200"]) == 0
+    text = (tmp_path / "replication.md").read_text()
+    assert "retrainings explain: not recorded" in text and "nan" not in text
