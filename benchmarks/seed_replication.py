@@ -187,7 +187,7 @@ def per_method(scores: pd.DataFrame) -> pd.DataFrame:
         table[f"rank {seed}"] = ranks[seed]
     table["mean"] = scores.mean(axis=1).round(4)
     table["sd over seeds"] = scores.std(axis=1, ddof=1).round(4)
-    table.index = [method_name(s) for s in table.index]
+    table.index = pd.Index([method_name(s) for s in table.index], name="method")
     return table.sort_values("mean", ascending=False)
 
 
