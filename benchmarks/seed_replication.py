@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
 import sys
 from pathlib import Path
@@ -191,6 +192,61 @@ def per_method(scores: pd.DataFrame) -> pd.DataFrame:
     return table.sort_values("mean", ascending=False)
 
 
+def winner_runs(study_dir: Path) -> pd.DataFrame:
+    """The final runs of a study's search winner (final/rep_NN): each run's validation MAP@R
+    (the mean over its 4 folds, as the search scores a trial) and its concatenated test MAP@R.
+    Empty when the folder has no final runs; a torn file is a clear refusal naming it."""
+    rows = []
+    for rep in sorted((study_dir / "final").glob("rep_*")):
+        try:
+            folds = [json.loads(f.read_text())["val_map_at_r"]
+                     for f in sorted(rep.glob("fold_*/result.json"))]
+            test = json.loads((rep / "concatenated.json").read_text())["map_at_r"]
+            rows.append({"val": float(np.mean(folds)), "test": float(test)})
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"{rep}: not a final run this harness wrote ({e!r})") from None
+    return pd.DataFrame(rows, columns=["val", "test"])
+
+
+def winners_validation(folders: dict[int, Path], methods: list[str]) -> list[str]:
+    """Do the validation folds see what sets the seeds' winners apart on the test? Each
+    winner's validation and test MAP@R averaged over its final runs (11: retraining noise
+    mostly gone), and, over every method and pair of seeds, how the difference in the one
+    follows the difference in the other. Also a single run's noise in the search's score."""
+    means, run_sd = {}, []
+    for seed, run in folders.items():
+        for study in methods:
+            runs = winner_runs(run / study)
+            if len(runs) < 2 or runs["val"].isna().any():
+                return []
+            means[study, seed] = runs.mean()
+            run_sd.append(runs["val"].std(ddof=1))
+    dval, dtest = [], []
+    for study in methods:
+        for a, b in itertools.combinations(folders, 2):
+            dval.append(means[study, a]["val"] - means[study, b]["val"])
+            dtest.append(means[study, a]["test"] - means[study, b]["test"])
+    dval, dtest = np.array(dval), np.array(dtest)
+    same = int((np.sign(dval) == np.sign(dtest)).sum())
+    rhos = []
+    for a, b in itertools.combinations(folders, 2):
+        va = pd.Series({m: means[m, a]["val"] for m in methods})
+        vb = pd.Series({m: means[m, b]["val"] for m in methods})
+        rhos.append(f"{seed_agreement(va, vb)['rho']:.3f} ({a} vs {b})")
+    return [
+        "## Do the validation folds see what sets the seeds' winners apart?", "",
+        "Each seed's winner of each method, its validation MAP@R (the mean over the 4 folds, "
+        "as the search scores a trial) and test MAP@R averaged over its final runs:", "",
+        f"- a winner's difference between two seeds in validation follows its difference in "
+        f"test: correlation **{np.corrcoef(dval, dtest)[0, 1]:.3f}** over the {len(dval)} "
+        f"pairs (methods x pairs of seeds), the same sign in {same}; sd of the differences "
+        f"{dval.std():.4f} (validation) and {dtest.std():.4f} (test);",
+        f"- one run's validation score, the search's measure of a trial, varies from run to "
+        f"run of the same configuration with sd **{math.sqrt(np.mean(np.square(run_sd))):.4f}**;",
+        f"- Spearman between seeds of the methods ranked by their winners' mean validation: "
+        f"{', '.join(rhos)}.", ""]
+
+
 def sd(value: float) -> str:
     return "not recorded (no ci95 and runs in the tables)" if math.isnan(value) else f"{value:.4f}"
 
@@ -236,7 +292,8 @@ def report(runs: list[Path], goal: float, sims: int) -> str:
         "",
         f"Noise at which two seeds reach rho >= {goal} in {ENOUGH:.0%} of simulated pairs: "
         f"**{need_normal:.4f}** (normal), **{need_drawn:.4f}** (the residuals' shape), against "
-        f"{sigma:.4f} measured. {search_needed(noise, need_normal)}", ""]
+        f"{sigma:.4f} measured. {search_needed(noise, need_normal)}", "",
+        *winners_validation(dict(zip(tables, runs)), list(scores.index))]
     return "\n".join(lines)
 
 

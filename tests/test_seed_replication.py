@@ -131,3 +131,45 @@ def test_tables_without_intervals_leave_the_split_unrecorded(tmp_path):
     assert script().main([str(tmp_path / "s0"), str(tmp_path / "s1"), "--sims", "200"]) == 0
     text = (tmp_path / "replication.md").read_text()
     assert "retrainings explain: not recorded" in text and "nan" not in text
+
+
+def write_final_runs(study_dir, vals: list[float], tests: list[float]) -> None:
+    """final/rep_NN as the harness writes them: 4 folds' result.json, concatenated.json."""
+    for rep, (val, test) in enumerate(zip(vals, tests)):
+        folder = study_dir / "final" / f"rep_{rep:02d}"
+        for fold, shift in enumerate((-0.01, 0.0, 0.0, 0.01)):  # mean over folds = val
+            (folder / f"fold_{fold}").mkdir(parents=True)
+            (folder / f"fold_{fold}" / "result.json").write_text(
+                json.dumps({"val_map_at_r": val + shift}))
+        (folder / "concatenated.json").write_text(json.dumps({"map_at_r": test}))
+
+
+def test_winners_validation_follows_differences_over_methods_and_seeds(tmp_path):
+    rs = script()
+    val = {(0, "a"): 0.50, (1, "a"): 0.51, (0, "b"): 0.48, (1, "b"): 0.47,
+           (0, "c"): 0.45, (1, "c"): 0.46}
+    test = {(0, "a"): 0.36, (1, "a"): 0.37, (0, "b"): 0.34, (1, "b"): 0.33,
+            (0, "c"): 0.31, (1, "c"): 0.30}
+    for seed in (0, 1):
+        for m in "abc":
+            write_final_runs(tmp_path / f"s{seed}" / f"{m}_glyphs",
+                             [val[seed, m] - 0.002, val[seed, m] + 0.002],
+                             [test[seed, m]] * 2)
+    lines = "\n".join(rs.winners_validation({0: tmp_path / "s0", 1: tmp_path / "s1"},
+                                             ["a_glyphs", "b_glyphs", "c_glyphs"]))
+    dval, dtest = [-0.01, 0.01, -0.01], [-0.01, 0.01, 0.01]  # c: the other sign
+    assert f"**{np.corrcoef(dval, dtest)[0, 1]:.3f}** over the 3 pairs" in lines
+    assert "the same sign in 2" in lines
+    assert f"with sd **{np.std([-0.002, 0.002], ddof=1):.4f}**" in lines
+    # Spearman of the methods by mean validation: seed 0 a > b > c, seed 1 a > b > c
+    assert "1.000 (0 vs 1)" in lines
+
+
+def test_winners_validation_is_left_out_without_final_runs_and_refuses_torn_ones(tmp_path):
+    rs = script()
+    (tmp_path / "s0" / "a_glyphs").mkdir(parents=True)
+    assert rs.winners_validation({0: tmp_path / "s0", 1: tmp_path / "s0"}, ["a_glyphs"]) == []
+    write_final_runs(tmp_path / "s1" / "a_glyphs", [0.5, 0.5], [0.3, 0.3])
+    (tmp_path / "s1" / "a_glyphs" / "final" / "rep_01" / "concatenated.json").write_text("{")
+    with pytest.raises(SystemExit, match="rep_01: not a final run this harness wrote"):
+        rs.winners_validation({1: tmp_path / "s1"}, ["a_glyphs"])
