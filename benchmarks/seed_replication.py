@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import sys
 from pathlib import Path
@@ -193,19 +192,23 @@ def per_method(scores: pd.DataFrame) -> pd.DataFrame:
 
 
 def winner_runs(study_dir: Path) -> pd.DataFrame:
-    """The final runs of a study's search winner (final/rep_NN): each run's validation MAP@R
-    (the mean over its 4 folds, as the search scores a trial) and its concatenated test MAP@R.
-    Empty when the folder has no final runs; a torn file is a clear refusal naming it."""
-    rows = []
-    for rep in sorted((study_dir / "final").glob("rep_*")):
-        try:
-            folds = [json.loads(f.read_text())["val_map_at_r"]
-                     for f in sorted(rep.glob("fold_*/result.json"))]
-            test = json.loads((rep / "concatenated.json").read_text())["map_at_r"]
-            rows.append({"val": float(np.mean(folds)), "test": float(test)})
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise SystemExit(f"{rep}: not a final run this harness wrote ({e!r})") from None
-    return pd.DataFrame(rows, columns=["val", "test"])
+    """The final runs of a study's search winner, from final/test_metrics.csv (the final step's
+    table of its result files): each run's validation MAP@R (the mean over its folds, as the
+    search scores a trial) and its concatenated test MAP@R. Empty when the folder has no final
+    table; a torn one is a clear refusal naming it."""
+    path = study_dir / "final" / "test_metrics.csv"
+    if not path.exists():
+        return pd.DataFrame(columns=["val", "test"])
+    try:
+        frame = pd.read_csv(path)
+        val = frame[frame["mode"] == "separated"].groupby("reproduction")["val_map_at_r"].mean()
+        test = frame[frame["mode"] == "concatenated"].groupby("reproduction")["map_at_r"].first()
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"{path}: not a final table this harness wrote ({e!r})") from None
+    runs = pd.DataFrame({"val": val, "test": test})  # aligned on the run: a gap is a NaN
+    if runs.isna().any().any():
+        raise SystemExit(f"{path}: a run lacks its validation or concatenated test row")
+    return runs
 
 
 def winners_validation(folders: dict[int, Path], methods: list[str]) -> list[str]:

@@ -134,14 +134,17 @@ def test_tables_without_intervals_leave_the_split_unrecorded(tmp_path):
 
 
 def write_final_runs(study_dir, vals: list[float], tests: list[float]) -> None:
-    """final/rep_NN as the harness writes them: 4 folds' result.json, concatenated.json."""
+    """final/test_metrics.csv as the final step writes it: per run, 4 separated rows (their
+    validation MAP@R) and a concatenated one (its test MAP@R)."""
+    rows = []
     for rep, (val, test) in enumerate(zip(vals, tests)):
-        folder = study_dir / "final" / f"rep_{rep:02d}"
         for fold, shift in enumerate((-0.01, 0.0, 0.0, 0.01)):  # mean over folds = val
-            (folder / f"fold_{fold}").mkdir(parents=True)
-            (folder / f"fold_{fold}" / "result.json").write_text(
-                json.dumps({"val_map_at_r": val + shift}))
-        (folder / "concatenated.json").write_text(json.dumps({"map_at_r": test}))
+            rows.append({"reproduction": rep, "mode": "separated", "fold": fold,
+                         "val_map_at_r": val + shift, "map_at_r": 0.3})
+        rows.append({"reproduction": rep, "mode": "concatenated", "fold": -1,
+                     "val_map_at_r": float("nan"), "map_at_r": test})
+    (study_dir / "final").mkdir(parents=True)
+    pd.DataFrame(rows).to_csv(study_dir / "final" / "test_metrics.csv", index=False)
 
 
 def test_winners_validation_follows_differences_over_methods_and_seeds(tmp_path):
@@ -170,6 +173,10 @@ def test_winners_validation_is_left_out_without_final_runs_and_refuses_torn_ones
     (tmp_path / "s0" / "a_glyphs").mkdir(parents=True)
     assert rs.winners_validation({0: tmp_path / "s0", 1: tmp_path / "s0"}, ["a_glyphs"]) == []
     write_final_runs(tmp_path / "s1" / "a_glyphs", [0.5, 0.5], [0.3, 0.3])
-    (tmp_path / "s1" / "a_glyphs" / "final" / "rep_01" / "concatenated.json").write_text("{")
-    with pytest.raises(SystemExit, match="rep_01: not a final run this harness wrote"):
+    table = tmp_path / "s1" / "a_glyphs" / "final" / "test_metrics.csv"
+    table.write_text(table.read_text().replace("concatenated", "concat"))  # no test rows
+    with pytest.raises(SystemExit, match="test_metrics.csv: a run lacks its validation or"):
+        rs.winners_validation({1: tmp_path / "s1"}, ["a_glyphs"])
+    table.write_text("reproduction,mode\n0,separated\n")  # torn: no metric columns
+    with pytest.raises(SystemExit, match="test_metrics.csv: not a final table this harness"):
         rs.winners_validation({1: tmp_path / "s1"}, ["a_glyphs"])
