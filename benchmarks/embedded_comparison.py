@@ -83,7 +83,16 @@ def study_argv(study: str, args, out: Path) -> list[str]:
     config (one list, so the two cannot drift apart)."""
     return ["--study", study, "--profile", "embedded", "--set", f"seed={args.seed}",
             "--trials", str(args.trials), "--reproductions", str(args.reproductions),
-            "--output", str(out / study), "--device", args.device]
+            "--output", str(out / study), "--device", args.device, *recheck_argv(args)]
+
+
+def recheck_argv(args) -> list[str]:
+    """The recheck opt-in (harness/recheck.py, not MLRC) as harness.run's --set arguments;
+    none under MLRC's rule, so the argv of folders run before the option existed is unchanged."""
+    if not getattr(args, "recheck_top", 0):
+        return []
+    return ["--set", f"final.recheck_top={args.recheck_top}",
+            "--set", f"final.recheck_runs={args.recheck_runs}"]
 
 
 # What may differ between the studies of one comparison: the method, and the names it gives.
@@ -99,12 +108,17 @@ def protocol(config: dict, trunk: dict | None, also_ignore: tuple = (),
     both seeds) must share; and the data's fingerprint (`Records.fingerprint`, None where not
     recorded)."""
     ignore = PER_METHOD_KEYS + also_ignore  # sections ("seed", "loss") or dotted settings
-    kept = {k: v for k, v in flat_config(config).items()
-            if k.split(".")[0] not in ignore and k not in ignore}
+    flat = {**SETTINGS_BEFORE_THEY_EXISTED, **flat_config(config)}
+    kept = {k: v for k, v in flat.items() if k.split(".")[0] not in ignore and k not in ignore}
     trunk = trunk if isinstance(trunk, dict) else {}
     return {**kept, "trunk sha256": trunk.get("sha256"),
             "trunk tensors sha256": trunk.get("tensors_sha256"), "libraries": libraries,
             "data fingerprint": data}
+
+
+# Settings a config.json written before they existed ran with: the recheck opt-in (harness/
+# recheck.py) did not exist, so such a study tested the search's best trial (MLRC's rule).
+SETTINGS_BEFORE_THEY_EXISTED = {"final.recheck_top": 0, "final.recheck_runs": 2}
 
 
 def recorded_protocol(run_dir: Path, also_ignore: tuple = ()) -> dict:
@@ -232,7 +246,22 @@ def read_record(path: Path, use):
                          f"move it away or give another --out") from None
 
 
-BUDGET_KEYS = ("trials", "reproductions")
+BUDGET_KEYS = ("trials", "reproductions", "recheck_top", "recheck_runs")
+# A record or summary written before the recheck opt-in existed ran without it.
+BUDGET_BEFORE_RECHECK = {"recheck_top": 0, "recheck_runs": 0}
+
+
+def budget_of(source: dict, fallback: dict | None = None) -> dict:
+    """The budget keys of a record, batch or summary; a key it lacks is `fallback`'s, or for the
+    recheck keys of a file older than them, no recheck."""
+    fallback = fallback or {}
+    return {k: source.get(k, fallback.get(k, BUDGET_BEFORE_RECHECK.get(k))) for k in BUDGET_KEYS}
+
+
+def wanted_budget(args) -> dict:
+    top = getattr(args, "recheck_top", 0)
+    return {"trials": args.trials, "reproductions": args.reproductions, "recheck_top": top,
+            "recheck_runs": getattr(args, "recheck_runs", 0) if top else 0}
 
 
 def load_record(out: Path, args) -> dict:
@@ -244,7 +273,7 @@ def load_record(out: Path, args) -> dict:
     it ran at, and only studies run at the new budget enter the table (`succeeded_studies`).
     """
     path = out / "comparison.json"
-    want = {"seed": args.seed, "trials": args.trials, "reproductions": args.reproductions}
+    want = {"seed": args.seed, **wanted_budget(args)}
     if not path.exists():
         return {**want, "batches": []}
 
@@ -254,18 +283,19 @@ def load_record(out: Path, args) -> dict:
         # written before batches: the record was one invocation
         keys = ("methods", "jobs", "threads", "prepare_seconds", "studies_wall_seconds", "runs",
                 "failed", "cpu_count")
-        return {**{k: record[k] for k in want}, "batches": [{k: record.get(k) for k in keys}]}
+        return {"seed": record["seed"], "trials": record["trials"],
+                "reproductions": record["reproductions"], **budget_of(record),
+                "batches": [{k: record.get(k) for k in keys}]}
 
     record = read_record(path, with_batches)
-    have = {k: record.get(k) for k in want}
+    have = {"seed": record.get("seed"), **budget_of(record)}
     if have == want:
         return record
     if getattr(args, "grow", False) and grows(have, want):
         for batch in record["batches"]:  # the budget each earlier batch ran at
-            for key in BUDGET_KEYS:
-                batch.setdefault(key, have[key])
+            batch.update(budget_of(batch, have))
         return {**record, **want}
-    hint = (" (--grow may only raise trials and reproductions, for the same seed)"
+    hint = (" (--grow may only raise trials, reproductions and the recheck, for the same seed)"
             if getattr(args, "grow", False) else
             "; or add --grow to take every study of it to the larger budget (each search goes "
             "on from its trials, and a study whose best trial changes is retested)"
@@ -282,12 +312,12 @@ def grows(have: dict, want: dict) -> bool:
 
 def folder_budget(record: dict) -> dict:
     """The folder's budget: what its table covers and what a new batch runs at."""
-    return {k: record.get(k) for k in BUDGET_KEYS}
+    return budget_of(record)
 
 
 def batch_budget(record: dict, batch: dict) -> dict:
     """The budget a batch ran at: its own, recorded since --grow, or else the folder's."""
-    return {k: batch.get(k, record.get(k)) for k in BUDGET_KEYS}
+    return budget_of(batch, budget_of(record))
 
 
 def finished_budget(study_dir: Path) -> dict | None:
@@ -300,12 +330,14 @@ def finished_budget(study_dir: Path) -> dict | None:
     summary = read_json(study_dir / "final" / "summary.json")
     budget = summary.get("budget") if isinstance(summary, dict) else None
     if isinstance(budget, dict):
-        return {k: budget.get(k) for k in BUDGET_KEYS}
+        return budget_of(budget)
     config = read_json(study_dir / "config.json")
     if not isinstance(config, dict):
         return None
     flat = flat_config(config)
-    return {"trials": flat.get("search.trials"), "reproductions": flat.get("final.reproductions")}
+    top = flat.get("final.recheck_top", 0)
+    return {"trials": flat.get("search.trials"), "reproductions": flat.get("final.reproductions"),
+            "recheck_top": top, "recheck_runs": flat.get("final.recheck_runs") if top else 0}
 
 
 def succeeded_studies(out: Path, record: dict) -> list[str]:
@@ -405,7 +437,8 @@ def comparison_markdown(record: dict, table: pd.DataFrame, failed: list[str]) ->
     batches = record["batches"]
     lines = [f"# Embedded comparison, seed {record['seed']}", "",
              f"{len(table)} methods, {record['trials']} trials, best trial + "
-             f"{record['reproductions']} retrainings each, run in {len(batches)} batch(es):", ""]
+             f"{record['reproductions']} retrainings each{recheck_text(record)}, run in "
+             f"{len(batches)} batch(es):", ""]
     budget = folder_budget(record)
     smaller = [b for b in batches if batch_budget(record, b) != budget]
     for b in batches:
@@ -435,6 +468,15 @@ def comparison_markdown(record: dict, table: pd.DataFrame, failed: list[str]) ->
     if failed:
         lines += ["", f"FAILED: {', '.join(failed)} (see OUT/<study>.log)"]
     return lines
+
+
+def recheck_text(record: dict) -> str:
+    budget = budget_of(record)
+    if not budget["recheck_top"]:
+        return ""
+    return (f" (the trial tested is the best on validation of the search's "
+            f"{budget['recheck_top']} best, each retrained {budget['recheck_runs']} more times: "
+            f"--recheck-top, not MLRC)")
 
 
 def seed_agreement(a: pd.Series, b: pd.Series) -> dict:
@@ -623,6 +665,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--trials", type=int, default=10)
     run.add_argument("--reproductions", type=int, default=10)
     run.add_argument("--device", default="cpu")
+    run.add_argument("--recheck-top", type=int, default=0, metavar="K",
+                     help="not MLRC (an explicit opt-in): retrain each search's K best trials "
+                          "--recheck-runs more times and test the best of those fresh runs on "
+                          "validation (harness/recheck.py); 0 = MLRC's best trial")
+    run.add_argument("--recheck-runs", type=int, default=2, metavar="R")
     run.add_argument("--grow", action="store_true",
                      help="take a folder run at a smaller --trials/--reproductions to these "
                           "(each study resumes: its search goes on, its final step is redone "

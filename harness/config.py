@@ -145,6 +145,12 @@ class FinalConfig:
     # (bayes_opt_runner.py: test_model(best), reproduce_results, create_accuracy_report).
     include_best_trial: bool = True
     keep_checkpoints: bool = True  # keep each final fold model's best checkpoint on disk
+    # Not MLRC (an explicit opt-in): before the final step, train the search's `recheck_top` best
+    # trials `recheck_runs` more times each (new seeds, all folds) and test the one whose fresh
+    # runs score best on validation, not the one whose single search run did (harness/recheck.py).
+    # 0 = MLRC: the search's best trial is tested.
+    recheck_top: int = 0
+    recheck_runs: int = 2
 
 
 @dataclass
@@ -554,6 +560,8 @@ RANGES: dict[str, Bound] = {
     "search.n_startup_trials": Bound(-1, note="-1 = auto: gp max(5, dims), tpe 10"),
     "search.prune_warmup_folds": NON_NEGATIVE,
     "final.reproductions": NON_NEGATIVE,
+    "final.recheck_top": Bound(0, note="0 = MLRC: test the search's best trial"),
+    "final.recheck_runs": AT_LEAST_ONE,
 }
 
 
@@ -642,4 +650,7 @@ def validate(cfg: StudyConfig) -> None:
     if cfg.final.reproductions == 0 and not cfg.final.include_best_trial:
         raise ConfigError("final.reproductions=0 with final.include_best_trial=false leaves "
                           "nothing to test: allow one of them")
+    if cfg.final.recheck_top == 1:
+        raise ConfigError("final.recheck_top=1 rechecks the search's best trial alone, which "
+                          "cannot change what is tested: use 0 (MLRC) or at least 2")
     _loss_defaults(cfg.loss.name)

@@ -118,43 +118,56 @@ def reproduction_plan(cfg: StudyConfig, reproductions: int) -> list[tuple[int, s
 def retrain_and_test(cfg: StudyConfig, data: PreparedData, output: Path, device,
                      best: dict, reproductions: int) -> pd.DataFrame:
     """Test the best trial's models and `reproductions` retrainings of `cfg` (which already holds
-    the best params). `best`: {"trial", "seed_number", "params", "value"} of the best trial."""
+    the best params). `best`: {"trial", "seed_number", "params", "value"} of the best trial.
+    The caller holds `final_stage_lock(output)`."""
     final_dir = output / "final"
-    with final_stage_lock(output):
-        _supersede_other_trial(final_dir, output, best)
-        final_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(final_dir / "best_trial.json", best)
-        write_json_atomic(final_dir / "best_params.json", best["params"])
-        folds = data.split.folds[: cfg.search.folds]
-        plan = reproduction_plan(cfg, reproductions)
-        jobs = bar(total=len(plan) * len(folds), desc="final", unit="fold", leave=True)
-        for rep, source in plan:
-            rep_dir = final_dir / f"rep_{rep:02d}"
-            fold_embeddings, fold_prints, fold_sources = [], [], set()
-            for fold in folds:
-                fold_dir = rep_dir / f"fold_{fold.index}"
-                seed, trial_dir = _fold_seed_and_dir(cfg, output, best, rep, source, fold)
-                print_ = fingerprint(cfg, seed)
-                if _fold_result(fold_dir, print_) is None:
-                    _test_fold(cfg, data, fold, device, rep, source, seed, trial_dir, fold_dir,
-                               print_)
-                    _write_csv(final_dir)
-                fold_embeddings.append(dict(np.load(fold_dir / "test_embeddings.npz")))
-                fold_prints.append(print_)
-                fold_sources.add(read_json(fold_dir / "result.json")["source"])
-                jobs.update(1)
-            concat_path = rep_dir / "concatenated.json"
-            concat_print = "+".join(fold_prints)
-            if not _valid_result(read_json(concat_path), concat_print):
-                metrics = test_metrics(concatenate(fold_embeddings), device)
-                write_json_atomic(concat_path, {
-                    "reproduction": rep, "mode": "concatenated", "fold": -1,
-                    "source": "+".join(sorted(fold_sources)),
-                    "val_map_at_r": float("nan"), "best_epoch": -1, "stop": "",
-                    **_metric_row(metrics), "fingerprint": concat_print})
+    _supersede_other_trial(final_dir, output, best)
+    final_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(final_dir / "best_trial.json", best)
+    write_json_atomic(final_dir / "best_params.json", best["params"])
+    folds = data.split.folds[: cfg.search.folds]
+    plan = reproduction_plan(cfg, reproductions)
+    jobs = bar(total=len(plan) * len(folds), desc="final", unit="fold", leave=True)
+    for rep, source in plan:
+        rep_dir = final_dir / f"rep_{rep:02d}"
+        if _reproduction_done(cfg, output, best, rep, source, rep_dir, folds):
+            jobs.update(len(folds))
+            continue
+        fold_embeddings, fold_prints, fold_sources = [], [], set()
+        for fold in folds:
+            fold_dir = rep_dir / f"fold_{fold.index}"
+            seed, trial_dir = _fold_seed_and_dir(cfg, output, best, rep, source, fold)
+            print_ = fingerprint(cfg, seed)
+            if _fold_result(fold_dir, print_) is None:
+                _test_fold(cfg, data, fold, device, rep, source, seed, trial_dir, fold_dir,
+                           print_)
                 _write_csv(final_dir)
-        jobs.close()
-        return _write_csv(final_dir)
+            fold_embeddings.append(dict(np.load(fold_dir / "test_embeddings.npz")))
+            fold_prints.append(print_)
+            fold_sources.add(read_json(fold_dir / "result.json")["source"])
+            jobs.update(1)
+        metrics = test_metrics(concatenate(fold_embeddings), device)
+        write_json_atomic(rep_dir / "concatenated.json", {
+            "reproduction": rep, "mode": "concatenated", "fold": -1,
+            "source": "+".join(sorted(fold_sources)),
+            "val_map_at_r": float("nan"), "best_epoch": -1, "stop": "",
+            **_metric_row(metrics), "fingerprint": "+".join(fold_prints)})
+        _write_csv(final_dir)
+    jobs.close()
+    return _write_csv(final_dir)
+
+
+def _reproduction_done(cfg, output: Path, best: dict, rep: int, source: str, rep_dir: Path,
+                       folds) -> bool:
+    """Every fold result and the concatenated result of a reproduction are stored and belong to
+    it (fingerprints): nothing to redo. The fold embeddings are not needed then, so a run
+    folder copied without them (they are not committed: .gitignore) resumes without
+    retraining."""
+    prints = [fingerprint(cfg, _fold_seed_and_dir(cfg, output, best, rep, source, fold)[0])
+              for fold in folds]
+    fold_rows = [read_json(rep_dir / f"fold_{fold.index}" / "result.json") for fold in folds]
+    return (all(_valid_result(row, p) for row, p in zip(fold_rows, prints))
+            and _valid_result(read_json(rep_dir / "concatenated.json"), "+".join(prints)))
 
 
 @contextlib.contextmanager

@@ -151,9 +151,10 @@ def run(args: argparse.Namespace) -> int:
     from harness.data import resolve_device
     from harness.preflight import preflight
     from harness.aggregate import summarize
-    from harness.final import retrain_and_test, untrained_baseline
+    from harness.final import final_stage_lock, retrain_and_test, untrained_baseline
+    from harness.recheck import choose_trial
     from harness.storage import default_storage, sqlite_path
-    from harness.search import (best_trial, check_trial_inputs, config_for_params, run_search,
+    from harness.search import (check_trial_inputs, config_for_params, run_search,
                                 write_search_summary)
     from harness.splits import manifest_text
 
@@ -196,27 +197,32 @@ def run(args: argparse.Namespace) -> int:
     check_search_finished(study, cfg, output)
     check_trial_inputs(study, inputs)  # the final stage retrains or tests the best trial
     summary = write_search_summary(study, output / "search_summary.json")
-    best = best_trial(study)
-    print(f"[{cfg.name}] best trial {best.number}: validation MAP@R {best.value:.4f} "
-          f"params {best.params}")
+    print(f"[{cfg.name}] best trial {summary['best_trial']}: validation MAP@R "
+          f"{summary['best_value']:.4f} params {summary['best_params']}")
     if summary["diverged_trials"]:
         print(f"[{cfg.name}] trials whose loss diverged (scored 0, as in MLRC): "
               f"{summary['diverged_trials']}")
-    best_cfg = config_for_params(cfg, best.params)
-    best_info = {"trial": best.number, "seed_number": best.user_attrs.get("seed_number",
-                                                                          best.number),
-                 "params": best.params, "value": best.value}
-    frame = retrain_and_test(best_cfg, data, output, device, best_info,
-                             cfg.final.reproductions)
+    with final_stage_lock(output):  # one process at a time rechecks and tests
+        best, recheck = choose_trial(cfg, data, output, device, study)
+        best_cfg = config_for_params(cfg, best.params)
+        best_info = {"trial": best.number, "seed_number": best.user_attrs.get("seed_number",
+                                                                              best.number),
+                     "params": best.params, "value": best.value}
+        frame = retrain_and_test(best_cfg, data, output, device, best_info,
+                                 cfg.final.reproductions)
     untrained = untrained_baseline(best_cfg, data, output, device)
     table = summarize(frame)
     table.to_csv(output / "final" / "summary.csv", index=False)
     write_json_atomic(output / "final" / "summary.json", {
-        "study": cfg.name, "dataset": cfg.data.dataset, "best_trial": summary["best_trial"],
-        "best_val_map_at_r": summary["best_value"], "best_params": summary["best_params"],
+        # the tested trial: the search's best, or under final.recheck_top the recheck's choice
+        "study": cfg.name, "dataset": cfg.data.dataset, "best_trial": best.number,
+        "best_val_map_at_r": best.value, "best_params": best.params,
+        "search_best_trial": summary["best_trial"], "recheck": recheck,
         "runs": sorted(int(r) for r in frame["reproduction"].unique()),
         # the budget this final step finished: a folder grown to a larger one says which it holds
-        "budget": {"trials": cfg.search.trials, "reproductions": cfg.final.reproductions},
+        "budget": {"trials": cfg.search.trials, "reproductions": cfg.final.reproductions,
+                   "recheck_top": cfg.final.recheck_top,
+                   "recheck_runs": cfg.final.recheck_runs if cfg.final.recheck_top else 0},
         "diverged_trials": summary["diverged_trials"],
         "untrained": untrained, "summary": table.to_dict(orient="records"),
         "wall_time_s_this_invocation": time.time() - started})

@@ -29,8 +29,11 @@ from harness.errors import ConfigError
 # Keys that may change between invocations of one output folder: they change neither the
 # search nor what a fold trains (growing the budget resumes; the data may move; the device and
 # loader settings only change speed).
-RESUMABLE_KEYS = {"search.trials", "final.reproductions", "train.device", "data.root",
-                  "data.num_workers", "data.cache", "data.cache_dir", "train.eval_batch_size"}
+# final.recheck_* are like search.trials: they may change which trial the final step tests
+# (which then moves the old final results aside), never what a trial or a fold trains.
+RESUMABLE_KEYS = {"search.trials", "final.reproductions", "final.recheck_top",
+                  "final.recheck_runs", "train.device", "data.root", "data.num_workers",
+                  "data.cache", "data.cache_dir", "train.eval_batch_size"}
 SQLITE_HEADER = b"SQLite format 3\x00"
 
 

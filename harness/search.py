@@ -519,23 +519,29 @@ def requeue_interrupted(study: optuna.Study, trial_ids: list[int]) -> None:
             retry_callback()(study, frozen)
 
 
+def ranked_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The complete trials that did not diverge, best validation MAP@R first; ties in the order
+    of the search (a retry takes the place of the trial it retries). Empty if there are none."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    finite = [t for t in complete if not t.user_attrs.get("diverged")
+              and t.value is not None and math.isfinite(t.value)]
+    in_search_order = sorted(finite, key=lambda t: (t.user_attrs.get("seed_number", t.number),
+                                                    t.number))
+    return sorted(in_search_order, key=lambda t: -t.value)  # stable: ties keep search order
+
+
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
     """The complete trial with the highest validation MAP@R; a diverged trial (scored 0) only
     when every complete trial diverged, which is an error: nothing can be retrained."""
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not complete:
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         raise ConfigError(f"study {study.study_name!r} has no complete trial to retrain "
                           f"(all pruned or failed); run more trials (--trials)")
-    finite = [t for t in complete if not t.user_attrs.get("diverged")
-              and t.value is not None and math.isfinite(t.value)]
-    if not finite:
+    ranked = ranked_trials(study)
+    if not ranked:
         raise ConfigError(f"study {study.study_name!r}: every complete trial diverged (loss "
                           f"not finite; scored 0 as in MLRC), so there is no configuration to "
                           f"retrain; check the search space and learning rates")
-    # Ties: the earliest in the search (max keeps the first maximum); a retry takes the place
-    # of the trial it retries.
-    return max(sorted(finite, key=lambda t: (t.user_attrs.get("seed_number", t.number),
-                                             t.number)), key=lambda t: t.value)
+    return ranked[0]
 
 
 def write_search_summary(study: optuna.Study, path: Path) -> dict:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-SEARCH_STAGE, FINAL_STAGE, UNTRAINED_STAGE = 1, 2, 99
+SEARCH_STAGE, FINAL_STAGE, RECHECK_STAGE, UNTRAINED_STAGE = 1, 2, 3, 99
 
 
 def hash_seed(*parts: int) -> int:
@@ -22,3 +22,9 @@ def trial_fold_seed(base: int, trial_seed_number: int, fold: int) -> int:
 
 def reproduction_fold_seed(base: int, reproduction: int, fold: int) -> int:
     return hash_seed(base, FINAL_STAGE, reproduction, fold)
+
+
+def recheck_fold_seed(base: int, run: int, fold: int) -> int:
+    """The same seeds for every rechecked trial (common random numbers: the candidates'
+    difference is then less of the seeds' doing), none shared with the search or the final."""
+    return hash_seed(base, RECHECK_STAGE, run, fold)

@@ -50,6 +50,9 @@ def changed(config: dict, changes: dict) -> dict:
     config["train"].setdefault("center_collapse_gradient", "mlrc")
     config.setdefault("model", {}).setdefault("frozen_blocks", 0)  # added since: MLRC's, none
     config["model"].setdefault("cache_frozen_features", False)  # added since: images each step
+    # added since: MLRC's rule, the search's best trial is tested (harness/recheck.py)
+    config.setdefault("final", {}).setdefault("recheck_top", 0)
+    config["final"].setdefault("recheck_runs", 2)
     for key, value in changes.items():
         section, field = key.split(".")
         config[section][field] = value

@@ -169,6 +169,13 @@ def test_reported_runs_are_best_trial_plus_ten(mlrc_cfg):
     assert {s for _, s in plan[1:]} == {"retrained"}
 
 
+def test_the_tested_trial_is_the_search_best_by_its_one_run(mlrc_cfg):
+    # bayes_opt_runner.py save_best_parameters: the record with max(primary metric), i.e. the
+    # trial's 4-fold mean of its one run; rechecking the top trials is an opt-in
+    # (harness/recheck.py)
+    assert mlrc_cfg.final.recheck_top == 0
+
+
 def test_interval_is_mlrc_student_t():
     # bayes_opt_runner.py create_accuracy_report:
     # scipy_stats.t.interval(0.95, len(v2)-1, loc=np.mean(v2), scale=scipy_stats.sem(v2))

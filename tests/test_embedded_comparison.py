@@ -75,10 +75,12 @@ def test_summary_counts_early_stopped_retrained_folds_only(tmp_path):
     assert table.splitlines()[1].count("---") == len(row) and "0.6000" in table
 
 
-def run_args(seed=0, trials=10, reproductions=10, grow=False):
+def run_args(seed=0, trials=10, reproductions=10, grow=False, recheck_top=0, recheck_runs=2):
     import argparse
 
-    return argparse.Namespace(seed=seed, trials=trials, reproductions=reproductions, grow=grow)
+    return argparse.Namespace(seed=seed, trials=trials, reproductions=reproductions, grow=grow,
+                              recheck_top=recheck_top, recheck_runs=recheck_runs,
+                              device="cpu")
 
 
 def test_record_of_a_folder_written_before_batches_becomes_one_batch(tmp_path):
@@ -113,7 +115,43 @@ def test_a_larger_budget_is_refused_without_grow_and_taken_with_it(tmp_path):
         driver().load_record(tmp_path, run_args(trials=20))
     record = driver().load_record(tmp_path, run_args(trials=20, grow=True))
     assert (record["trials"], record["reproductions"]) == (20, 10)
-    assert record["batches"] == [{**batch, "trials": 10, "reproductions": 10}]
+    assert record["batches"] == [{**batch, "trials": 10, "reproductions": 10,
+                                  "recheck_top": 0, "recheck_runs": 0}]
+
+
+def test_the_recheck_opt_in_is_a_budget_of_its_own_and_never_silent(tmp_path):
+    """A record from before the recheck existed ran without it; adding it needs --grow (the
+    search is kept, the tested trial may change), and every study's argv carries it."""
+    out = tmp_path
+    batch = {"methods": ["a"], "jobs": 2, "threads": 1, "prepare_seconds": 9.0,
+             "studies_wall_seconds": 100.0, "runs": [], "cpu_count": 2}
+    (out / "comparison.json").write_text(json.dumps(
+        {"seed": 0, "trials": 10, "reproductions": 10, "batches": [batch]}))
+    assert driver().load_record(out, run_args(recheck_runs=5))["batches"] == [batch]
+    with pytest.raises(SystemExit, match="add --grow"):
+        driver().load_record(out, run_args(recheck_top=3))
+    record = driver().load_record(out, run_args(recheck_top=3, grow=True))
+    assert (record["recheck_top"], record["recheck_runs"]) == (3, 2)
+    assert record["batches"][0]["recheck_top"] == 0
+    assert "recheck-top, not MLRC" in driver().comparison_markdown(record, pd.DataFrame(),
+                                                                   [])[2]
+    argv = driver().study_argv("a_glyphs", run_args(recheck_top=3), out)
+    assert "final.recheck_top=3" in argv and "final.recheck_runs=2" in argv
+    assert not [a for a in driver().study_argv("a_glyphs", run_args(), out)
+                if a.startswith("final.")]
+    (out / "comparison.json").write_text(json.dumps(record))
+    with pytest.raises(SystemExit, match="--grow may only raise"):
+        driver().load_record(out, run_args(grow=True))  # back to MLRC's rule: not a growth
+
+
+def test_a_config_from_before_the_recheck_compares_as_mlrcs_rule():
+    protocol = driver().protocol
+    before = {"search": {"trials": 10}, "final": {"reproductions": 10}}
+    mlrc = {"search": {"trials": 10}, "final": {"reproductions": 10, "recheck_top": 0,
+                                                "recheck_runs": 2}}
+    rechecked = {"search": {"trials": 10}, "final": {"reproductions": 10, "recheck_top": 3,
+                                                     "recheck_runs": 2}}
+    assert protocol(before, None) == protocol(mlrc, None) != protocol(rechecked, None)
 
 
 @pytest.mark.parametrize("args", [run_args(trials=4, grow=True),
@@ -291,7 +329,8 @@ def test_trunks_are_compared_by_their_tensors_where_both_studies_record_them():
     protocol = driver().protocol({"loss": {"name": "x"}, "train": {"lr": 1}},
                                  {"file": "f", "sha256": "x", "tensors_sha256": "t"})
     assert protocol == {"train.lr": 1, "trunk sha256": "x", "trunk tensors sha256": "t",
-                        "libraries": None, "data fingerprint": None}
+                        "libraries": None, "data fingerprint": None,
+                        "final.recheck_top": 0, "final.recheck_runs": 2}  # as before them
 
 
 def test_studies_on_different_data_are_not_one_protocol(tmp_path):
