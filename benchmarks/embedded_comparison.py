@@ -448,6 +448,9 @@ def comparison_markdown(record: dict, table: pd.DataFrame, failed: list[str]) ->
                      f"cores ({b.get('device') or 'cpu'}): {b['studies_wall_seconds']:.0f} s "
                      f"wall (data + trunk preparation before: {b['prepare_seconds']:.0f} s)"
                      + (f", at {at['trials']} trials and {at['reproductions']} retrainings"
+                        + (f", the best {at['recheck_top']} trials rechecked x "
+                           f"{at['recheck_runs']}" if at["recheck_top"] else
+                           ", MLRC's best trial tested" if budget["recheck_top"] else "")
                         if smaller else ""))
         earlier = [r["study"] for r in b["runs"] if r.get("finished_before")]
         if earlier:

@@ -133,8 +133,12 @@ def test_the_recheck_opt_in_is_a_budget_of_its_own_and_never_silent(tmp_path):
     record = driver().load_record(out, run_args(recheck_top=3, grow=True))
     assert (record["recheck_top"], record["recheck_runs"]) == (3, 2)
     assert record["batches"][0]["recheck_top"] == 0
-    assert "recheck-top, not MLRC" in driver().comparison_markdown(record, pd.DataFrame(),
-                                                                   [])[2]
+    record["batches"].append({**batch, "trials": 10, "reproductions": 10, "recheck_top": 3,
+                              "recheck_runs": 2})
+    lines = driver().comparison_markdown(record, pd.DataFrame(), [])
+    assert "recheck-top, not MLRC" in lines[2]
+    assert lines[4].endswith("at 10 trials and 10 retrainings, MLRC's best trial tested")
+    assert lines[5].endswith("at 10 trials and 10 retrainings, the best 3 trials rechecked x 2")
     argv = driver().study_argv("a_glyphs", run_args(recheck_top=3), out)
     assert "final.recheck_top=3" in argv and "final.recheck_runs=2" in argv
     assert not [a for a in driver().study_argv("a_glyphs", run_args(), out)
