@@ -317,6 +317,17 @@ def search_ordinal(study: optuna.Study, number: int) -> int:
     return max(len(new), 1 + max(used, default=-1))
 
 
+def trial_ordinal(trial: optuna.Trial) -> int:
+    """The trial's search_ordinal as its sampler took it in `before_trial` (same process), so
+    that the sampler's draws and the trial's seeds and folder follow one count by construction,
+    and the study's trials are read once per trial, not twice; computed here for a sampler that
+    is not one of ours."""
+    sampler = trial.study.sampler
+    if isinstance(sampler, TrialSeededSampler) and trial.number in sampler.ordinals:
+        return sampler.ordinals[trial.number]
+    return search_ordinal(trial.study, trial.number)
+
+
 def fold_seed(cfg: StudyConfig, trial_number: int, fold: int) -> int:
     return trial_fold_seed(cfg.seed, trial_number, fold)
 
@@ -343,7 +354,7 @@ def make_objective(cfg: StudyConfig, data: PreparedData, output: Path, device, s
         original = _original_trial(trial.study, trial)
         # A retried trial keeps the seed and the folds its killed predecessor finished.
         seed_number = original.user_attrs.get("seed_number", original.number) if original else \
-            search_ordinal(trial.study, trial.number)
+            trial_ordinal(trial)
         trial.set_user_attr("seed_number", seed_number)
         done = dict(original.user_attrs.get("fold_results", {})) if original else {}
         run_dir = output / "trials" / f"trial_{seed_number:04d}"

@@ -55,7 +55,8 @@ def test_new_best_after_growing_the_budget_is_retested(tmp_path, glyph_root, cap
     old = pd.read_csv(out / "final" / "test_metrics.csv")
     assert set(old["reproduction"]) == {0, 1}
     budget = json.loads((out / "final" / "summary.json").read_text())["budget"]
-    assert budget == {"trials": 1, "reproductions": 1}  # what embedded_comparison --grow reads
+    assert budget == {"trials": 1, "reproductions": 1, "recheck_top": 0,  # what --grow reads
+                      "recheck_runs": 0}
     # A second trial becomes the best (added with a value above any real one).
     st = load(out)
     first = st.trials[0]
@@ -76,7 +77,8 @@ def test_new_best_after_growing_the_budget_is_retested(tmp_path, glyph_root, cap
     assert set(new[new["reproduction"] == 0]["source"]) == {"best_trial_retrained"}
     summary = json.loads((out / "final" / "summary.json").read_text())
     assert summary["best_trial"] == 1
-    assert summary["budget"] == {"trials": 2, "reproductions": 1}
+    assert summary["budget"] == {"trials": 2, "reproductions": 1, "recheck_top": 0,
+                                 "recheck_runs": 0}
 
 
 # --------------------------------------------------------------------------------------------

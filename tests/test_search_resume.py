@@ -174,3 +174,26 @@ def test_a_run_interrupted_mid_trial_ends_as_the_uninterrupted_run(tmp_path, gly
     assert trials(tmp_path / "twice") == trials(tmp_path / "once")
     assert sorted(p.name for p in (tmp_path / "twice" / "trials").iterdir()) == \
         [f"trial_{k:04d}" for k in range(4)]
+
+
+def test_a_trial_takes_its_ordinal_from_its_sampler_and_the_study_is_read_once(
+        tmp_path, glyph_root, monkeypatch):
+    """The sampler's draws and the trial's seeds and folder follow one count: the objective
+    uses the ordinal its sampler computed (search_ordinal once per trial), and it is the
+    trial's seed number and folder."""
+    counted = []
+
+    def counting(study, number):
+        counted.append(number)
+        return search_ordinal(study, number)
+
+    monkeypatch.setattr(search_mod, "search_ordinal", counting)
+    monkeypatch.setattr(train_mod, "MIN_CHECKPOINT_SECONDS", 0.0, raising=False)
+    out = tmp_path / "run"
+    assert main(["--study", str(write_study(tmp_path, glyph_root)), "--output", str(out),
+                 "--device", "cpu", "--trials", "3", "--stage", "search"]) == 0
+    assert counted == [0, 1, 2]
+    trials = load(out).trials
+    assert [t.user_attrs["seed_number"] for t in trials] == [0, 1, 2]
+    assert sorted(p.name for p in (out / "trials").iterdir()) == \
+        ["trial_0000", "trial_0001", "trial_0002"]
