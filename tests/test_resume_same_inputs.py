@@ -233,12 +233,14 @@ def test_every_committed_run_folder_can_be_resumed_from_a_rebuilt_trunk(tmp_path
     """The committed folders' trunk records name files that exist on no other machine; they
     record the tensors' hash, so a trunk rebuilt with those weights in other bytes resumes
     them (more_trials.py, embedded_comparison.py), and only it."""
-    recorded = set()
+    recorded: dict[str, set] = {}  # results that must share a trunk -> the trunks they name
     for number, provenance in enumerate(sorted((REPO / "results").rglob("provenance.json"))):
         runs = json.loads(provenance.read_text())
         trunks = [r["trunk_weights"] for r in runs if r.get("trunk_weights")]
         assert all(t.get("tensors_sha256") for t in trunks), provenance
-        recorded |= {t["tensors_sha256"] for t in trunks}
+        group = "recheck" if "recheck" in provenance.relative_to(REPO / "results").parts \
+            else "the rest"
+        recorded.setdefault(group, set()).update(t["tensors_sha256"] for t in trunks)
         folder = tmp_path / str(number)
         folder.mkdir(parents=True)
         shutil.copy(provenance, folder / "provenance.json")
@@ -249,7 +251,10 @@ def test_every_committed_run_folder_can_be_resumed_from_a_rebuilt_trunk(tmp_path
             with pytest.raises(ConfigError, match="other trunk weights"):
                 check_same_trunk(folder, {"file": "/rebuilt.pt", "sha256": "f" * 64,
                                           "tensors_sha256": "e" * 64})
-    assert len(recorded) == 1  # one glyph trunk behind every committed result
+    # one glyph trunk behind every committed result, but results/embedded/recheck/, measured
+    # on another CPU whose build differs (docs/embedded.md, "Not the same trunk on every CPU")
+    assert {group: len(trunks) for group, trunks in recorded.items()} == \
+        {"recheck": 1, "the rest": 1}
 
 
 # ---------------------------------------------------------------------------------------------
