@@ -30,6 +30,13 @@ storage: harness/gp_warm_start.py; folders grown before commit a232fa9 do not, a
 the first trial the grown run proposed on); only its wall time is larger, since the finals
 of changed winners ran twice.
 
+`run --recheck-top K [--recheck-runs R]` takes the not-MLRC opt-in `final.recheck_top`
+(harness/recheck.py: the search's K best trials retrained R more times, the best of those fresh
+runs tested). It is part of the folder's budget: a folder run under MLRC's rule takes it only
+with --grow (the searches are kept; a study whose tested trial changes moves MLRC's final
+results to superseded/, so benchmarks/recheck_effect.py can compare both rules on one search),
+and never drops it again.
+
 `spearman` ranks the methods of two runs by concatenated test MAP@R and writes the Spearman rank
 correlation with both tables (by default seeds.md in the first run's parent folder); the two
 folders' studies must differ in the seed only (same settings and trunk), or it refuses.
