@@ -16,7 +16,9 @@ The untrained model (the trunk as the study starts it, a random embedder) is tes
 
 Resumable and safe: each result is its own JSON file, written atomically and tagged with the
 fingerprint of what it tests (a torn or foreign file is redone, never averaged);
-`test_metrics.csv` is regenerated from them. Results belong to the trial they name
+`test_metrics.csv` is regenerated from them. A reproduction whose fold and concatenated results
+are all stored and its own is left as it is, so a folder without its test embeddings (they are
+not committed) resumes without retraining. Results belong to the trial they name
 (`final/best_trial.json`): when a larger budget finds another best trial, the old `final/` is
 moved to `superseded/` and the new best is tested. One process at a time runs the final stage
 of a folder (a lock; a second one is refused with a clear message).
