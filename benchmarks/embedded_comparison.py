@@ -60,6 +60,7 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from harness.config import recheck_budget  # noqa: E402
 from harness.progress import bar  # noqa: E402
 from harness.provenance import same_trunk  # noqa: E402
 from harness.run_folder import MISSING, config_differences, describe, flat_config  # noqa: E402
@@ -266,9 +267,8 @@ def budget_of(source: dict, fallback: dict | None = None) -> dict:
 
 
 def wanted_budget(args) -> dict:
-    top = getattr(args, "recheck_top", 0)
-    return {"trials": args.trials, "reproductions": args.reproductions, "recheck_top": top,
-            "recheck_runs": getattr(args, "recheck_runs", 0) if top else 0}
+    return {"trials": args.trials, "reproductions": args.reproductions,
+            **recheck_budget(getattr(args, "recheck_top", 0), getattr(args, "recheck_runs", 0))}
 
 
 def load_record(out: Path, args) -> dict:
@@ -342,9 +342,8 @@ def finished_budget(study_dir: Path) -> dict | None:
     if not isinstance(config, dict):
         return None
     flat = flat_config(config)
-    top = flat.get("final.recheck_top", 0)
     return {"trials": flat.get("search.trials"), "reproductions": flat.get("final.reproductions"),
-            "recheck_top": top, "recheck_runs": flat.get("final.recheck_runs") if top else 0}
+            **recheck_budget(flat.get("final.recheck_top", 0), flat.get("final.recheck_runs"))}
 
 
 def succeeded_studies(out: Path, record: dict) -> list[str]:

@@ -32,7 +32,7 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from benchmarks.embedded_comparison import markdown, method_name  # noqa: E402
+from benchmarks.embedded_comparison import markdown, method_name, seed_agreement  # noqa: E402
 
 
 def concatenated_map_at_r(summary: dict, where: Path) -> float:
@@ -105,14 +105,12 @@ def between_seeds(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def spearman_rows(frame: pd.DataFrame) -> list[dict]:
-    from scipy.stats import spearmanr
-
     rows = []
     for a, b in itertools.combinations(sorted(frame["seed"].unique()), 2):
         row = {"seeds": f"{a}-{b}"}
         for rule in ("mlrc", "recheck"):
             wide = frame.pivot(index="method", columns="seed", values=rule)[[a, b]].dropna()
-            row[rule] = float(spearmanr(wide[a], wide[b]).statistic) if len(wide) >= 3 \
+            row[rule] = seed_agreement(wide[a], wide[b])["rho"] if len(wide) >= 3 \
                 else float("nan")
         rows.append(row)
     return rows

@@ -153,6 +153,12 @@ class FinalConfig:
     recheck_runs: int = 2
 
 
+def recheck_budget(top: int, runs: int) -> dict[str, int]:
+    """The recheck's part of a final step's budget (final/summary.json, embedded_comparison's
+    records): its runs count only when it is on, so every MLRC-rule budget reads alike."""
+    return {"recheck_top": top, "recheck_runs": runs if top else 0}
+
+
 @dataclass
 class StudyConfig:
     name: str = ""

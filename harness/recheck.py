@@ -95,8 +95,9 @@ def recheck_fold(cfg: StudyConfig, data: PreparedData, fold, device, seed: int,
     if isinstance(row, dict) and row.get("fingerprint") == print_:
         if row.get("stop") == "diverged":
             return None
-        if _score(row) is not None:
-            return _score(row)
+        stored = _score(row)
+        if stored is not None:
+            return stored
     claim_fold_dir(fold_dir, print_, "recheck")
     result = train_fold(cfg, data, fold, device, seed=seed, run_dir=fold_dir,
                         desc=f"recheck {desc} fold {fold.index}")

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from harness import config as config_mod
-from harness.config import RUNS_DIR, StudyConfig, load_study
+from harness.config import RUNS_DIR, StudyConfig, load_study, recheck_budget
 from harness.errors import ConfigError, HarnessError, WeightsError
 from harness.provenance import provenance
 from harness.run_folder import (RESUMABLE_KEYS, check_output_dir, write_json_atomic,  # noqa: F401 (re-exported)
@@ -221,8 +221,7 @@ def run(args: argparse.Namespace) -> int:
         "runs": sorted(int(r) for r in frame["reproduction"].unique()),
         # the budget this final step finished: a folder grown to a larger one says which it holds
         "budget": {"trials": cfg.search.trials, "reproductions": cfg.final.reproductions,
-                   "recheck_top": cfg.final.recheck_top,
-                   "recheck_runs": cfg.final.recheck_runs if cfg.final.recheck_top else 0},
+                   **recheck_budget(cfg.final.recheck_top, cfg.final.recheck_runs)},
         "diverged_trials": summary["diverged_trials"],
         "untrained": untrained, "summary": table.to_dict(orient="records"),
         "wall_time_s_this_invocation": time.time() - started})
